@@ -1,0 +1,1 @@
+"""fastdd.models"""
