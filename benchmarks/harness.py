@@ -1,0 +1,152 @@
+"""Benchmark harness: times ops per provider and mode, reports GB/s vs a bandwidth floor, writes JSON rows and a PNG."""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+
+def device_name(device: torch.device | str) -> str:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        model = platform.processor() or platform.machine()
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_fn(fn, device="cpu", warmup=3, repeats=15, min_time=0.0) -> dict:
+    """Median/p20/p80 seconds of `fn()` after warm-up; repeats grow until `min_time` total is spent."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    samples = []
+    start_all = time.perf_counter()
+    while len(samples) < repeats or (time.perf_counter() - start_all) < min_time:
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        samples.append(time.perf_counter() - t0)
+        if len(samples) >= 10 * repeats:
+            break
+    q = statistics.quantiles(samples, n=5) if len(samples) >= 2 else [samples[0]] * 4
+    return {"median_s": statistics.median(samples), "p20_s": q[0], "p80_s": q[3], "repeats": len(samples)}
+
+
+def make_modes(fn, inputs, grad_inputs, mode):
+    """A zero-arg callable for `mode` in fwd | bwd | fwd+bwd; `grad_inputs` are the inputs that need grads."""
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                return fn(*inputs)
+        return run
+    for t in grad_inputs:
+        t.requires_grad_(True)
+    if mode == "bwd":
+        out = fn(*inputs)
+        grad_out = torch.randn_like(out)
+        return lambda: torch.autograd.grad(out, grad_inputs, grad_out, retain_graph=True)
+
+    def fwd_bwd():
+        out = fn(*inputs)
+        return torch.autograd.grad(out, grad_inputs, torch.ones_like(out))
+    return fwd_bwd
+
+
+def bandwidth_floor_gbps(device="cpu", nbytes=256 * 2**20, repeats=15) -> float:
+    """GB/s of the device's plain streaming read (x.sum(0)) on CPU, a device-to-device copy on GPU."""
+    n = nbytes // 4
+    x = torch.randn(n // 2048, 2048, device=device)
+    if torch.device(device).type == "cuda":
+        y = torch.empty_like(x)
+        t = time_fn(lambda: y.copy_(x), device, repeats=repeats)["median_s"]
+        return 2 * x.numel() * 4 / t / 1e9
+    t = time_fn(lambda: x.sum(0), device, repeats=repeats)["median_s"]
+    return x.numel() * 4 / t / 1e9
+
+
+def compiled(fn):
+    """torch.compile(fn), or None where compile cannot run here."""
+    try:
+        return torch.compile(fn, dynamic=False)
+    except Exception:  # pragma: no cover
+        return None
+
+
+class Results:
+    """Collects benchmark rows keyed by device/torch/date and merges them into a JSON file."""
+
+    def __init__(self, bench: str, device="cpu"):
+        self.bench = bench
+        self.device = str(device)
+        self.meta = {"bench": bench, "device": device_name(device), "device_type": torch.device(device).type,
+                     "torch": torch.__version__, "date": datetime.date.today().isoformat()}
+        self.rows: list[dict] = []
+
+    def add(self, **row) -> dict:
+        full = {**self.meta, **row}
+        self.rows.append(full)
+        keys = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        print(keys, flush=True)
+        return full
+
+    def write(self, path: str) -> None:
+        existing = []
+        if os.path.exists(path):
+            with open(path) as f:
+                existing = json.load(f)
+        mine = {(r["device"], r["torch"]) for r in self.rows}
+        kept = [r for r in existing if (r.get("device"), r.get("torch")) not in mine]
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(kept + self.rows, f, indent=1)
+        print(f"wrote {len(self.rows)} rows to {path}")
+
+    def plot(self, path: str, x: str, y: str = "gbps", series=("provider", "mode"), title=None) -> bool:
+        try:
+            import matplotlib
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            print("matplotlib not installed: no plot (pip install fastdd[plot])")
+            return False
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        groups: dict = {}
+        for r in self.rows:
+            if y in r and x in r:
+                groups.setdefault(" ".join(str(r[k]) for k in series), []).append((r[x], r[y]))
+        for label, pts in sorted(groups.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.set_xscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(title or f"{self.bench} on {self.meta['device']}", fontsize=9)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        print(f"wrote {path}")
+        return True
+
+
+def parse_args(description: str, default_out: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=default_out, help="JSON file the rows are merged into")
+    p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke test)")
+    return p.parse_args()
