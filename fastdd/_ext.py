@@ -1,5 +1,6 @@
 """Loads the compiled extension fastdd._C when it matches the running torch; otherwise warns once."""
 import importlib
+import importlib.util
 import os
 import warnings
 
@@ -14,6 +15,9 @@ def load() -> bool:
         return _state["loaded"]
     if os.environ.get("FASTDD_DISABLE_EXT", "0") == "1":
         _state["reason"] = "disabled by FASTDD_DISABLE_EXT=1"
+        return False
+    if importlib.util.find_spec("fastdd._C") is None:
+        _state["reason"] = "not compiled (pure-Python install or FASTDD_BUILD_EXT=0)"
         return False
     try:
         from fastdd import _build_info
