@@ -1,0 +1,148 @@
+"""The `fastdd` command line: distill, evaluate, export, info."""
+import argparse
+import datetime
+import json
+import os
+import sys
+
+import torch
+
+
+def _distill(args) -> int:
+    from fastdd.distill import Distiller, build_config
+    from fastdd.distill.config import load_yaml
+    from fastdd.distill.datasets import load_run_data
+    from fastdd.distill.engine import CHECKPOINT
+
+    if args.resume:
+        state = torch.load(os.path.join(args.resume, CHECKPOINT), map_location="cpu", weights_only=False)
+        config = build_config(state["config"], args.overrides)
+        out = args.resume
+    else:
+        base = load_yaml(args.config) if args.config else {}
+        flags = {k: v for k, v in dict(method=args.method, dataset=args.dataset, ipc=args.ipc,
+                                       iterations=args.iterations, seed=args.seed, device=args.device,
+                                       data_dir=args.data_dir).items() if v is not None}
+        config = build_config({**base, **flags}, args.overrides)
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = args.out or os.path.join("runs", f"{config.method}-{config.dataset}-ipc{config.ipc}-{stamp}")
+    train, test, evaluators = load_run_data(config)
+    distiller = Distiller(config, train, test, out_dir=out, evaluators=evaluators)
+    if args.resume:
+        distiller.load_state_dict(state)
+    os.makedirs(out, exist_ok=True)
+    print(f"fastdd: {config.method} on {train.name} (IPC {config.ipc}, {config.iterations} iterations, "
+          f"device {distiller.device}) -> {out}", flush=True)
+    metrics = distiller.run()
+    _print_evaluations(metrics.get("evaluations", [])[-1:])
+    print(f"fastdd: {metrics['seconds_per_iteration']:.3f} s/iteration, peak memory "
+          f"{metrics['peak_memory_mb']:.0f} MB")
+    print(f"fastdd: artifacts in {os.path.abspath(out)} (synthetic.pt, metrics.json, grid.png, loss.png)")
+    return 0
+
+
+def _print_evaluations(evaluations) -> None:
+    for entry in evaluations:
+        for model, result in entry.items():
+            if isinstance(result, dict) and "mean" in result:
+                print(f"  iteration {entry.get('iteration', '-')}: {model} accuracy "
+                      f"{100 * result['mean']:.2f} ± {100 * result['std']:.2f} % over {len(result['accuracies'])} models")
+
+
+def _load_synthetic(path: str) -> tuple[dict, str | None]:
+    run_dir = path if os.path.isdir(path) else None
+    file = os.path.join(path, "synthetic.pt") if run_dir else path
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"no synthetic set at {file} (pass a run directory or a synthetic.pt file)")
+    return torch.load(file, map_location="cpu", weights_only=False), run_dir
+
+
+def _evaluate(args) -> int:
+    from fastdd.distill import build_config
+    from fastdd.distill.datasets import load_run_data
+    from fastdd.evaluate import evaluate_synthetic
+
+    saved, run_dir = _load_synthetic(args.run)
+    overrides = {"data_dir": args.data_dir} if args.data_dir else {}
+    config = build_config(saved["config"], overrides)
+    _, test, evaluators = load_run_data(config)
+    images, labels = saved["images"], saved["labels"]
+    if "decoded_images" in saved:
+        images, labels = saved["decoded_images"], saved["decoded_labels"]
+    result = evaluate_synthetic(images, labels, test, models=tuple(args.models.split(",")),
+                                num_models=args.num_models, epochs=args.epochs, seed=args.seed,
+                                extra_metrics=evaluators or None)
+    _print_evaluations([result])
+    if run_dir:
+        with open(os.path.join(run_dir, "evaluation.json"), "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"fastdd: wrote {os.path.join(run_dir, 'evaluation.json')}")
+    return 0
+
+
+def _export(args) -> int:
+    saved, run_dir = _load_synthetic(args.run)
+    if args.format != "reference":
+        raise ValueError(f"unknown export format {args.format!r}; valid: reference")
+    images, labels = saved.get("decoded_images", saved["images"]), saved.get("decoded_labels", saved["labels"])
+    out = args.out or os.path.join(run_dir or os.path.dirname(args.run), "reference.pt")
+    torch.save({"data": [[images.float().cpu(), labels.long().cpu()]],
+                "mean": saved["dataset"]["mean"], "std": saved["dataset"]["std"]}, out)
+    print(f"fastdd: wrote {out} ({{'data': [[images {tuple(images.shape)}, labels]]}}, normalised with the "
+          f"dataset mean/std)")
+    return 0
+
+
+def _info(args) -> int:
+    from fastdd.info import main
+    main()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastdd", description="Fast dataset distillation.")
+    sub = p.add_subparsers(dest="command")
+    d = sub.add_parser("distill", help="distill a synthetic set (default: digits, IPC 10, DM)")
+    d.add_argument("--config", help="YAML file of config keys")
+    d.add_argument("--method")
+    d.add_argument("--dataset")
+    d.add_argument("--data-dir", dest="data_dir", help="folder with dataset files you already have")
+    d.add_argument("--ipc", type=int)
+    d.add_argument("--iterations", type=int)
+    d.add_argument("--seed", type=int)
+    d.add_argument("--device")
+    d.add_argument("--out", help="run directory (default runs/<method>-<dataset>-ipc<N>-<time>)")
+    d.add_argument("--resume", help="run directory to continue from its checkpoint")
+    d.add_argument("overrides", nargs="*", help="key=value config overrides (method keys too)")
+    d.set_defaults(func=_distill)
+    e = sub.add_parser("evaluate", help="evaluation protocol on a saved synthetic set")
+    e.add_argument("run", help="run directory or synthetic.pt")
+    e.add_argument("--models", default="ConvNet", help="comma-separated model names")
+    e.add_argument("--num-models", type=int, default=5)
+    e.add_argument("--epochs", type=int, default=300)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--data-dir", dest="data_dir")
+    e.set_defaults(func=_evaluate)
+    x = sub.add_parser("export", help="export a synthetic set")
+    x.add_argument("run", help="run directory or synthetic.pt")
+    x.add_argument("--format", default="reference")
+    x.add_argument("--out")
+    x.set_defaults(func=_export)
+    sub.add_parser("info", help="build, kernel and device report").set_defaults(func=_info)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        args = parser.parse_args(["distill", *(argv or [])]) if argv else parser.parse_args(["distill"])
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"fastdd: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Distillation run configuration: defaults, YAML + key=value overrides, validation naming the key."""
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class DistillConfig:
+    method: str = "dm"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    ipc: int = 10
+    iterations: int = 1000
+    batch_real: int = 256
+    lr_img: float | None = None  # None: the method's reference default (DM: 1.0, 10.0 at ipc >= 100)
+    momentum: float = 0.5
+    init: str = "real"
+    model: str = "ConvNet"
+    dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
+    channels_last: bool = False
+    autocast_bf16: bool = False
+    micro_batch: int = 4096
+    seed: int = 0
+    device: str = "auto"
+    eval_every: int = 0
+    eval_models: list = field(default_factory=lambda: ["ConvNet"])
+    eval_num_models: int = 3
+    eval_epochs: int = 300
+    checkpoint_every: int = 100
+    progress: bool = True
+    method_args: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("ipc", "iterations", "batch_real", "micro_batch", "eval_num_models", "eval_epochs")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config key {name!r} must be a positive integer, got {value!r}")
+        for name in ("eval_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"config key {name!r} must be a non-negative integer, got {value!r}")
+        if self.init not in ("real", "noise"):
+            raise ValueError(f"config key 'init' must be one of real, noise; got {self.init!r}")
+        if self.lr_img is not None and not self.lr_img > 0:
+            raise ValueError(f"config key 'lr_img' must be > 0, got {self.lr_img!r}")
+        if isinstance(self.eval_models, str):
+            self.eval_models = [m for m in self.eval_models.split(",") if m]
+        if not isinstance(self.method_args, dict):
+            raise ValueError("config key 'method_args' must be a mapping")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = tuple(f.name for f in dataclasses.fields(DistillConfig))
+
+
+def parse_value(text: str) -> Any:
+    """`key=value` values are read as YAML scalars/lists (1, 0.5, true, [a, b], null)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def build_config(base: dict | None = None, overrides: list[str] | dict | None = None) -> DistillConfig:
+    """Merge a YAML mapping and overrides; keys that are not config fields go to method_args."""
+    merged: dict = {}
+    for source in (base or {}), _as_mapping(overrides):
+        for key, value in source.items():
+            if key == "method_args":
+                merged.setdefault("method_args", {}).update(value or {})
+            elif key in FIELDS:
+                merged[key] = value
+            else:
+                merged.setdefault("method_args", {})[key] = value
+    return DistillConfig(**merged)
+
+
+def _as_mapping(overrides) -> dict:
+    if overrides is None:
+        return {}
+    if isinstance(overrides, dict):
+        return overrides
+    out = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like key=value")
+        out[key.strip().replace("-", "_")] = parse_value(value)
+    return out
+
+
+def load_yaml(path: str) -> dict:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a mapping of keys to values")
+    return data

@@ -1,0 +1,224 @@
+"""The distillation engine: owns the synthetic set, optimiser, RNG, loop, evaluation, checkpoints and logs."""
+import contextlib
+import os
+import time
+
+import torch
+
+from fastdd.augment import SiameseAugment
+from fastdd.data import ClassSampler, ImageDataset
+from fastdd.distill import artifacts
+from fastdd.distill.config import DistillConfig
+from fastdd.distill.methods import build_method
+from fastdd.distill.synthetic import SyntheticSet
+from fastdd.models import get_model
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Distiller:
+    """Runs `config.method` on `train`; `test` is used for evaluation points."""
+
+    def __init__(self, config: DistillConfig, train: ImageDataset, test: ImageDataset | None = None,
+                 out_dir: str | None = None, method=None, evaluators=()):
+        self.config = config
+        self.train, self.test = train, test
+        self.out_dir = out_dir
+        self.device = resolve_device(config.device)
+        self.num_classes = train.num_classes
+        self.method = method if method is not None else build_method(config.method, config.method_args)
+        self.evaluators = list(evaluators)  # extra_metrics callables for the evaluation protocol
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.sampler = ClassSampler(train.labels, train.num_classes)
+        self.augmenter = SiameseAugment(config.dsa_strategy) if config.dsa_strategy else None
+        self.syn = SyntheticSet.initialise(train, config.ipc, config.init, self.generator, self.device)
+        self.lr = config.lr_img if config.lr_img is not None else self.method.lr_for(config.ipc)
+        self.optimizer = torch.optim.SGD([self.syn.images], lr=self.lr, momentum=config.momentum)
+        self.iteration = 0
+        self.history: dict = {"loss": [], "evaluations": [], "seconds": 0.0}
+        self._prepared = False
+        if out_dir:
+            artifacts.remove_stale_temps(out_dir)
+
+    # ---- pieces methods compose -------------------------------------------------------------
+    def new_network(self, model: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
+        """A freshly initialised network, seeded from the engine's generator (global RNG untouched)."""
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = get_model(model or self.config.model, self.train.channels, num_classes or self.num_classes,
+                            self.train.image_size)
+        net = net.to(self.device)
+        if self.config.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        net.train()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net
+
+    def sample_real_index(self, n_per_class: int, pool: torch.Tensor | None = None):
+        """Up to n random real indices of every class in one call -> (index [M], class seg [M])."""
+        if pool is None:
+            return self.sampler.sample(n_per_class, generator=self.generator)
+        sampler = ClassSampler(self.train.labels[pool], self.num_classes)
+        idx, seg = sampler.sample(n_per_class, generator=self.generator)
+        return pool[idx], seg
+
+    def real_images(self, index: torch.Tensor) -> torch.Tensor:
+        x = self.train.normalize(self.train.images[index.cpu()], device=self.device)
+        return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def draw_augmentation(self):
+        if self.augmenter is None:
+            return None
+        return self.augmenter.draw(self.num_classes, self.train.image_size, generator=self.generator,
+                                   device=self.device)
+
+    def augment(self, x: torch.Tensor, group: torch.Tensor, draw) -> torch.Tensor:
+        if draw is None:
+            return x
+        return self.augmenter.apply(x, group.to(x.device), draw)
+
+    def _autocast(self):
+        if self.config.autocast_bf16 and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def embed(self, net, x: torch.Tensor) -> torch.Tensor:
+        if self.config.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._autocast():
+            return net.embed(x).float()
+
+    def embed_real(self, net, x: torch.Tensor) -> torch.Tensor:
+        """Real embeddings under no_grad in micro-batches (one pass for BN nets: batch statistics)."""
+        uses_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
+        step = x.shape[0] if uses_bn else self.config.micro_batch
+        with torch.no_grad():
+            return torch.cat([self.embed(net, x[i:i + step]) for i in range(0, x.shape[0], step)])
+
+    def image_step(self, loss: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        if loss is not None:
+            loss.backward()
+        if grad is not None:
+            images = self.syn.images
+            images.grad = grad.detach().to(images.dtype) if images.grad is None else images.grad + grad.detach()
+        self.optimizer.step()
+        return float(loss.detach()) if loss is not None else float("nan")
+
+    # ---- the loop -------------------------------------------------------------------------
+    def run(self, callback=None) -> dict:
+        cfg = self.config
+        if not self._prepared:
+            self.method.prepare(self)
+            self._prepared = True
+        bar = _progress(cfg, self.iteration)
+        start = time.perf_counter()
+        try:
+            while self.iteration < cfg.iterations:
+                logs = self.method.iteration(self, self.iteration)
+                self.iteration += 1
+                self.history["loss"].append(float(logs.get("loss", float("nan"))))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self.history['loss'][-1]:.4g}")
+                if callback is not None:
+                    callback(self, logs)
+                if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.iterations:
+                    self.evaluate_now()
+                if self.out_dir and cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                    self.history["seconds"] += time.perf_counter() - start
+                    start = time.perf_counter()
+                    self.save_checkpoint()
+        finally:
+            if bar is not None:
+                bar.close()
+        self.history["seconds"] += time.perf_counter() - start
+        return self.finish()
+
+    def evaluate_now(self) -> dict:
+        from fastdd.evaluate import evaluate_synthetic
+        if self.test is None:
+            return {}
+        cfg = self.config
+        images, labels = self.final_set()
+        result = evaluate_synthetic(images, labels, self.test, models=tuple(cfg.eval_models),
+                                    num_models=cfg.eval_num_models, epochs=cfg.eval_epochs, seed=cfg.seed,
+                                    device=self.device, extra_metrics=self.evaluators or None)
+        entry = {"iteration": self.iteration, **result}
+        self.history["evaluations"].append(entry)
+        if self.out_dir:
+            artifacts.save_grid(os.path.join(self.out_dir, f"grid_{self.iteration:06d}.png"), images, labels,
+                                self.train.mean, self.train.std)
+        return entry
+
+    def final_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images a model trains on (methods with a decoder, e.g. multi-formation, override this)."""
+        decode = getattr(self.method, "decode", None)
+        images, labels = self.syn.detached()
+        return decode(self, images, labels) if decode else (images, labels)
+
+    def finish(self) -> dict:
+        if not self.history["evaluations"] or self.history["evaluations"][-1]["iteration"] != self.iteration:
+            self.evaluate_now()
+        metrics = self.metrics()
+        if self.out_dir:
+            images, labels = self.syn.detached()
+            artifacts.save_synthetic(os.path.join(self.out_dir, "synthetic.pt"), images, labels, self.train,
+                                     self.config.to_dict(), extra=self.method_extra())
+            artifacts.save_json(metrics, os.path.join(self.out_dir, "metrics.json"))
+            artifacts.save_loss_plot(os.path.join(self.out_dir, "loss.png"), self.history["loss"])
+            grid = os.path.join(self.out_dir, "grid.png")
+            artifacts.save_grid(grid, *self.final_set(), self.train.mean, self.train.std)
+        return metrics
+
+    def method_extra(self) -> dict:
+        extra = getattr(self.method, "synthetic_extra", None)
+        return extra(self) if extra else {}
+
+    def metrics(self) -> dict:
+        its = max(self.iteration, 1)
+        out = {"method": self.config.method, "dataset": self.train.name, "ipc": self.config.ipc,
+               "iterations": self.iteration, "seconds_per_iteration": self.history["seconds"] / its,
+               "peak_memory_mb": artifacts.peak_memory_mb(self.device), "device": str(self.device),
+               "final_loss": self.history["loss"][-1] if self.history["loss"] else None,
+               "evaluations": self.history["evaluations"], "config": self.config.to_dict()}
+        method_metrics = getattr(self.method, "metrics", None)
+        if method_metrics:
+            out.update(method_metrics(self))
+        return out
+
+    # ---- checkpoints ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "images": self.syn.images.detach().cpu(),
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "history": self.history, "config": self.config.to_dict(), "method": self.method.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            self.syn.images.copy_(state["images"].to(self.device))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.generator.set_state(state["generator"])
+        self.iteration = state["iteration"]
+        self.history = state["history"]
+        self.method.load_state_dict(state["method"])
+
+    def save_checkpoint(self) -> str:
+        path = os.path.join(self.out_dir, CHECKPOINT)
+        artifacts.save_torch(self.state_dict(), path)
+        return path
+
+
+def _progress(cfg: DistillConfig, initial: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=cfg.iterations, initial=initial, desc=f"{cfg.method} ipc={cfg.ipc}", unit="it",
+                dynamic_ncols=True)
