@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from dm_reference_loop import reference_dm_loss
+from fastdd.reference.dm_loop import reference_dm_loss
 from fastdd.data import load_dataset
 from fastdd.distill import Distiller, build_config
 from fastdd.distill.methods.dm import DM

@@ -21,7 +21,7 @@ class DistillConfig:
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     channels_last: bool = False
     autocast_bf16: bool = False
-    micro_batch: int = 4096
+    micro_batch: int = 1024
     seed: int = 0
     device: str = "auto"
     eval_every: int = 0
