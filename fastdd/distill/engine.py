@@ -65,10 +65,12 @@ class Distiller:
     def sample_real_index(self, n_per_class: int, pool: torch.Tensor | None = None):
         """Up to n random real indices of every class in one call -> (index [M], class seg [M])."""
         if pool is None:
-            return self.sampler.sample(n_per_class, generator=self.generator)
-        sampler = ClassSampler(self.train.labels[pool], self.num_classes)
-        idx, seg = sampler.sample(n_per_class, generator=self.generator)
-        return pool[idx], seg
+            idx, seg = self.sampler.sample(n_per_class, generator=self.generator)
+        else:
+            idx, seg = ClassSampler(self.train.labels[pool], self.num_classes).sample(n_per_class,
+                                                                                      generator=self.generator)
+            idx = pool[idx]
+        return idx, seg.to(self.device)
 
     def real_images(self, index: torch.Tensor) -> torch.Tensor:
         x = self.train.normalize(self.train.images[index.cpu()], device=self.device)

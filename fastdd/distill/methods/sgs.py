@@ -1,0 +1,235 @@
+"""SGS / DGDD: per-domain DM gradients from one batched backward, spectral surgery and a diversity branch.
+
+Update = g_base + λ_sh·g_sh + λ_div·g_div (methods.md, SGS). g_base is the base method's gradient (for
+base=dm: DM on the POOLED source rows of the step, L = Σ_c ‖μ_real(c) − μ_syn(c)‖²); with balanced
+sampling ∇L_DM = (1/D)·Σ_d ∇L_d exactly, so spectral_surgery's shared + specific = g_DM. With
+λ_sh = λ_div = 0 the step IS the base method's step (same loss, same backward). Otherwise the base
+loss, the diversity loss and the D per-domain losses L_d = Σ_c ‖μ_real(c, d) − μ_syn(c)‖² become
+cotangents w.r.t. the synthetic FEATURES ([K, N, F]; the per-domain ones in closed form from ONE
+mean_match call with real_to_syn), pulled back to the images by ONE batched VJP over the one
+synthetic forward.
+"""
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from fastdd.data.domains import DomainClassSampler, domain_index, source_domains
+from fastdd.distill.losses import mean_match
+from fastdd.distill.methods import sgs_data  # noqa: F401  (registers rotated-mnist, colored-mnist, domain-folder)
+from fastdd.distill.methods.base import Method, MethodOutput
+from fastdd.distill.methods.dm import DMBatch, dm_batch
+from fastdd.ops import segment_mean
+
+try:
+    from fastdd.ops import spectral_surgery
+except ImportError:  # FALLBACK only while the fused op is absent: the pure-torch reference (per-domain FFTs)
+    from fastdd.reference.spectral_surgery import spectral_surgery
+
+SAMPLINGS = ("balanced", "pooled")
+BACKWARDS = ("vmap", "func", "loop")
+
+
+@dataclass
+class SGSArgs:
+    lambda_sh: float = 1.0      # weight of the cross-domain shared gradient
+    lambda_div: float = 0.0     # weight of the diversity gradient
+    tau: float = 0.5            # hard-mask threshold on the agreement a(k)
+    gamma: Any = None           # None: hard mask 1[a >= tau]; a number > 0: soft mask a**gamma
+    eps: float = 1e-12
+    holdout_domain: Any = None  # its name; the train set must not contain it (the builders drop it)
+    base: str = "dm"            # DM-based method whose gradient SGS augments
+    base_args: dict = field(default_factory=dict)
+    sampling: str = "balanced"  # balanced: batch_real // D rows per (class, domain); pooled: DM's sampler
+    backward: str = "vmap"      # vmap: autograd is_grads_batched; func: torch.func vjp+vmap; loop: K passes
+
+
+def dm_loss(engine, batch: DMBatch) -> torch.Tensor:
+    real_seg = batch.real_seg.to(batch.real_features.device)  # samplers draw on the CPU
+    return mean_match(batch.real_features, real_seg, batch.syn_features, batch.syn_seg, engine.num_classes).sum()
+
+
+def match_with_diff(real, real_seg, syn, syn_seg, num_segments, real_to_syn):
+    """(loss [S], diff = μ_real − μ_syn∘real_to_syn [S, F]) from ONE fastdd::mean_match call."""
+    if hasattr(torch.ops.fastdd, "mean_match"):
+        return torch.ops.fastdd.mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
+    # FALLBACK while the fused op is absent: the same quantities from segment_mean
+    mu_r = segment_mean(real.float(), real_seg, num_segments)
+    mu_s = segment_mean(syn.float(), syn_seg, num_segments)[real_to_syn]
+    valid = (torch.bincount(real_seg, minlength=num_segments) > 0) & (
+        torch.bincount(syn_seg, minlength=num_segments)[real_to_syn] > 0)
+    diff = torch.where(valid[:, None], mu_r - mu_s, 0.0)
+    return diff.square().sum(1), diff
+
+
+def domain_cotangents(real_features, real_cls, real_dom, syn_features, syn_seg, num_classes, num_domains):
+    """Per-(class, domain) losses [C, D] and dL_d/d syn_features [D, N, F] in closed form:
+    row i of class c gets −2·(μ_real(c, d) − μ_syn(c)) / n_syn(c)."""
+    C, D = num_classes, num_domains
+    seg = real_cls.to(real_features.device) * D + real_dom.to(real_features.device)
+    real_to_syn = torch.arange(C * D, device=seg.device) // D
+    loss, diff = match_with_diff(real_features, seg, syn_features.detach(), syn_seg, C * D, real_to_syn)
+    n_syn = torch.bincount(syn_seg, minlength=C).clamp_min(1).to(diff.dtype)
+    cot = diff.view(C, D, -1)[syn_seg] * (-2.0 / n_syn[syn_seg])[:, None, None]
+    return loss.view(C, D), cot.transpose(0, 1)
+
+
+def diversity_loss(features: torch.Tensor, seg: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean over classes with >= 2 images of the mean pairwise cosine similarity of their embeddings."""
+    f = F.normalize(features.float(), dim=1)
+    gram = f @ f.T
+    same = (seg[:, None] == seg[None, :]) & ~torch.eye(len(seg), dtype=torch.bool, device=seg.device)
+    sums = torch.zeros(num_classes, device=f.device).index_add(0, seg, (gram * same).sum(1))
+    n = torch.bincount(seg, minlength=num_classes).float()
+    valid = n >= 2
+    if not bool(valid.any()):
+        return (f * 0).sum()
+    return (sums[valid] / (n[valid] * (n[valid] - 1))).mean()
+
+
+class SGS(Method):
+    name = "sgs"
+    Args = SGSArgs
+
+    def __init__(self, args: dict | None = None):
+        super().__init__(args)
+        a = self.args
+        for key in ("lambda_sh", "lambda_div"):
+            value = getattr(a, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"sgs: {key} must be a number >= 0, got {value!r}")
+        if a.sampling not in SAMPLINGS:
+            raise ValueError(f"sgs: sampling must be one of {', '.join(SAMPLINGS)}; got {a.sampling!r}")
+        if a.backward not in BACKWARDS:
+            raise ValueError(f"sgs: backward must be one of {', '.join(BACKWARDS)}; got {a.backward!r}")
+        from fastdd.reference.spectral_surgery import check_mask_args
+        check_mask_args("sgs", a.tau, a.gamma, a.eps)
+        from fastdd.distill.methods import build_method
+        if a.base == "sgs":
+            raise ValueError("sgs: base must be a DM-based method other than sgs")
+        self.base = build_method(a.base, a.base_args or None)
+        self.base_loss = dm_loss if a.base == "dm" else getattr(self.base, "loss_from_batch", None)
+        if self.base_loss is None:
+            raise ValueError(f"sgs: base method {a.base!r} exposes no loss_from_batch(engine, batch); SGS wraps "
+                             f"dm or a method that does")
+        self.plain = a.lambda_sh == 0 and a.lambda_div == 0
+        self.trace: list[dict] = []
+
+    def lr_for(self, ipc: int) -> float:
+        return self.base.lr_for(ipc)
+
+    def prepare(self, engine) -> None:
+        train = engine.train
+        self.holdout = None
+        if self.args.holdout_domain is not None:
+            self.holdout = domain_index(train, self.args.holdout_domain)
+            leaked = int((train.domains == self.holdout).sum())
+            if leaked:
+                raise ValueError(f"sgs: the train set holds {leaked} samples of the held-out domain "
+                                 f"{self.args.holdout_domain!r}; pass the source part (leave_one_domain_out, or "
+                                 f"the rotated-mnist / colored-mnist builders)")
+        self.sources = source_domains(train)
+        self.D = len(self.sources)
+        self.position = torch.full((len(train.domain_names),), -1, dtype=torch.int64)
+        self.position[torch.tensor(self.sources)] = torch.arange(self.D)
+        self.sampler = DomainClassSampler(train.labels, train.domains, engine.num_classes, self.sources)
+        self.n_per_group = max(1, engine.config.batch_real // self.D)
+        self.base.prepare(engine)
+
+    # ---- one step ------------------------------------------------------------------------
+    def _forward(self, engine, batched: bool):
+        """(batch, backward(cot [K, N, F]) -> [K, *images.shape]) with the generator used as DM uses it."""
+        a, images = self.args, engine.syn.images
+        index = cls = None
+        if a.sampling == "balanced":
+            index, cls, _ = self.sampler.sample(self.n_per_group, generator=engine.generator)
+            cls = cls.to(engine.device)
+        if not batched or a.backward != "func":
+            batch = dm_batch(engine, index, cls)
+
+            def backward(cot):
+                if a.backward == "loop":
+                    return torch.stack([torch.autograd.grad(batch.syn_features, images, c, retain_graph=True)[0]
+                                        for c in cot])
+                return torch.autograd.grad(batch.syn_features, images, cot, is_grads_batched=True)[0]
+            return batch, backward
+        net = engine.new_network()  # dm_batch's order of generator use: network, (pooled) sample, draw
+        if index is None:
+            index, cls = engine.sample_real_index(engine.config.batch_real)
+        draw = engine.draw_augmentation()
+        real = engine.augment(engine.real_images(index), cls, draw)
+        seg = engine.syn.seg
+        feats, vjp = torch.func.vjp(lambda s: engine.embed(net, engine.augment(s, seg, draw)), images.detach())
+        batch = DMBatch(engine.embed_real(net, real), cls, index, feats.detach().requires_grad_(True), seg, net)
+        return batch, lambda cot: torch.func.vmap(vjp)(cot)[0]
+
+    def domain_of(self, engine, real_index):
+        return self.position[engine.train.domains[real_index.cpu()]].to(engine.device)
+
+    def compute(self, engine, iteration: int) -> MethodOutput:
+        a, C, D = self.args, engine.num_classes, self.D
+        batch, backward = self._forward(engine, batched=not self.plain)
+        real_dom = self.domain_of(engine, batch.real_index)
+        loss = self.base_loss(engine, batch)
+        feats = batch.syn_features
+        if self.plain:  # λ_sh = λ_div = 0: exactly the base method's step
+            with torch.no_grad():
+                per_cd, _ = domain_cotangents(batch.real_features, batch.real_seg, real_dom, feats, batch.syn_seg, C, D)
+            return MethodOutput(loss=loss, logs={"domain_losses": per_cd.sum(0).tolist()})
+        rows = [torch.autograd.grad(loss, feats, retain_graph=True)[0]]
+        div = None
+        if a.lambda_div:
+            div = diversity_loss(feats, batch.syn_seg, C)
+            rows.append(torch.autograd.grad(div, feats, retain_graph=True)[0])
+        per_cd, cot_dom = domain_cotangents(batch.real_features, batch.real_seg, real_dom, feats, batch.syn_seg, C, D)
+        cot = torch.cat([torch.stack(rows), cot_dom.to(feats.dtype)]) if a.lambda_sh else torch.stack(rows)
+        grads = backward(cot)  # ONE batched VJP: [1 (+1) (+D), N, ch, H, W]
+        update = grads[0].clone()
+        logs = {"domain_losses": per_cd.sum(0).tolist()}
+        if a.lambda_div:
+            update += a.lambda_div * grads[1]
+            logs["diversity"] = float(div.detach())
+        if a.lambda_sh:
+            shared, _, agreement = spectral_surgery(grads[-D:].detach(), a.tau, a.gamma, a.eps,
+                                                    return_agreement=True)
+            update += a.lambda_sh * shared
+            logs["agreement"] = float(agreement.mean())
+            logs["shared_norm_ratio"] = float(shared.norm() / grads[-D:].mean(0).norm().clamp_min(1e-30))
+        self.trace.append({k: v for k, v in logs.items() if k != "domain_losses"})
+        return MethodOutput(grad=update, value=float(loss.detach()), logs=logs)
+
+    # ---- reporting and state ---------------------------------------------------------------
+    def metrics(self, engine) -> dict:
+        train = engine.train
+        out = {"sgs": {**self.args.__dict__, "source_domains": [train.domain_names[d] for d in self.sources],
+                       "holdout_domain": None if self.holdout is None else train.domain_names[self.holdout]}}
+        for key in ("agreement", "shared_norm_ratio", "diversity"):
+            values = [t[key] for t in self.trace if key in t]
+            if values:
+                out["sgs"][f"{key}_mean"] = sum(values) / len(values)
+        table = domain_table(engine.history["evaluations"][-1] if engine.history["evaluations"] else {})
+        if table:
+            out["domain_generalization"] = table
+        return out
+
+    def state_dict(self) -> dict:
+        return {"trace": list(self.trace), "base": self.base.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trace = list(state.get("trace", []))
+        self.base.load_state_dict(state.get("base", {}))
+
+
+def domain_table(evaluation: dict) -> dict:
+    """{model: {ood: {mean, std}, id: {mean, std}, per_domain: {name: mean}}} from one evaluation entry."""
+    table = {}
+    for model, summary in evaluation.items():
+        if not isinstance(summary, dict) or "ood_accuracy_mean" not in summary:
+            continue
+        table[model] = {
+            "ood": {"mean": summary["ood_accuracy_mean"], "std": summary["ood_accuracy_std"]},
+            "id": {"mean": summary["id_accuracy_mean"], "std": summary["id_accuracy_std"]},
+            "per_domain": {k[len("accuracy_domain_"):-len("_mean")]: v for k, v in summary.items()
+                           if k.startswith("accuracy_domain_") and k.endswith("_mean")}}
+    return table
