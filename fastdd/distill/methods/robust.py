@@ -1,0 +1,225 @@
+"""Robust DD: per-class K-means subpopulations of the real data and a differentiable CVaR over their DM losses.
+
+Objective (methods.md, "Robust DD"): Σ_c (1 − β)·L_c + β·CVaR_α({L_{c,k}}_k), where
+- L_c = DM's class loss ‖μ_real(c) − μ_syn(c)‖² on the class's POOLED real batch (exactly `dm`'s term, same
+  network, rows and augmentation draw), so with β = 0 the step IS DM's step;
+- L_{c,k} = ‖μ_real(c, k) − μ_syn(c)‖² over the batch rows of class c in subpopulation k, all C·K of them from
+  ONE `mean_match` call (real segment c·K + k → synthetic segment c via `real_to_syn`);
+- CVaR_α = the mean of the worst (largest) ⌈α·K⌉ losses, fractional part weighted as in Rockafellar–Uryasev
+  (`fastdd.ops.cvar`); the gradient flows through it to the selected clusters.
+Empty (class, cluster) cells of a batch (no sampled row) are EXCLUDED: a class's CVaR is taken over its K_c
+present clusters only (CVaR_α of K_c values), never over a zero placeholder.
+
+Subpopulations (`assignment`):
+- `kmeans`: every training image of every class is embedded (`embedding`: a fresh random network of the run's
+  family from the engine generator, or raw normalised pixels) and clustered per class in ONE `batched_kmeans`
+  call (k-means++ from the engine generator); the per-sample cluster ids live in the method state (so they are
+  checkpointed and a resumed run keeps them) and are recomputed every `recluster_every` iterations (0: once).
+  With β = 0 no clusters are needed: none are computed and no generator draws are spent, so the run is DM's
+  run draw for draw.
+- `nearest-synthetic` (the public code's assignment): a sampled real row's cluster is the nearest synthetic image
+  of its class in the current iteration's embedding, so K = ipc (`k` is ignored); no state, no extra draws.
+"""
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from fastdd.cluster import batched_kmeans
+from fastdd.distill.losses import mean_match
+from fastdd.distill.methods import robust_data
+from fastdd.distill.methods.base import Method, MethodOutput
+from fastdd.distill.methods.dm import DM, dm_batch
+from fastdd.ops import cvar, kmeans_assign
+
+ASSIGNMENTS = ("kmeans", "nearest-synthetic")
+EMBEDDINGS = ("random-net", "pixels")
+BASES = ("dm",)
+EMBED_CHUNK = 2048  # training images embedded per forward pass when clustering
+
+
+@dataclass
+class RobustArgs:
+    k: int = 4                      # subpopulations per class (kmeans; nearest-synthetic uses K = ipc)
+    alpha: float = 0.5              # CVaR level in (0, 1]: mean of the worst ⌈α·K⌉ cluster losses
+    beta: float = 0.5               # weight of the CVaR term in [0, 1]; 0 = DM
+    recluster_every: int = 100      # R: re-cluster the training set every R iterations (0: once, at the start)
+    assignment: str = "kmeans"      # kmeans | nearest-synthetic
+    embedding: str = "random-net"   # kmeans features: random-net (fresh net of embedding_model) | pixels
+    embedding_model: str | None = None  # random-net family; None: the run's model
+    kmeans_iters: int = 100         # Lloyd iterations cap per clustering
+    eval_k: int = robust_data.EVAL_K  # test clusters per class for worst-cluster accuracy (added if the data has none)
+    base: str = "dm"                # matching method the risk wraps (dm; gm is not wired yet)
+
+    def __post_init__(self):
+        for key in ("k", "kmeans_iters", "eval_k"):
+            _check_int(key, getattr(self, key), 1)
+        _check_int("recluster_every", self.recluster_every, 0)
+        if not _is_number(self.alpha) or not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"robust: config key 'alpha' must be a number in (0, 1], got {self.alpha!r}")
+        if not _is_number(self.beta) or not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"robust: config key 'beta' must be a number in [0, 1], got {self.beta!r}")
+        for key, valid in (("assignment", ASSIGNMENTS), ("embedding", EMBEDDINGS), ("base", BASES)):
+            if getattr(self, key) not in valid:
+                extra = " (robust on gm is not implemented yet)" if key == "base" and self.base == "gm" else ""
+                raise ValueError(f"robust: config key {key!r} must be one of {', '.join(valid)}; "
+                                 f"got {getattr(self, key)!r}{extra}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_int(key: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        kind = "a positive integer" if low == 1 else "a non-negative integer"
+        raise ValueError(f"robust: config key {key!r} must be {kind}, got {value!r}")
+
+
+def cluster_losses(real, real_seg, cluster, syn, syn_seg, num_classes: int, k: int):
+    """(L [C, K], present [C, K]): per-(class, cluster) DM losses from ONE mean_match call; present = has rows."""
+    seg = real_seg * k + cluster
+    real_to_syn = torch.arange(num_classes * k, device=seg.device) // k
+    losses = mean_match(real, seg, syn, syn_seg, num_classes * k, real_to_syn).view(num_classes, k)
+    present = torch.bincount(seg, minlength=num_classes * k).view(num_classes, k) > 0
+    return losses, present
+
+
+def present_cvar(losses: torch.Tensor, present: torch.Tensor, alpha: float) -> torch.Tensor:
+    """[C]: CVaR_α of each row's PRESENT entries only (a row with K_c present values is CVaR_α over K_c values;
+    a row with none gives 0). One `cvar` call per distinct K_c (at most K)."""
+    n = present.sum(1)
+    order = torch.argsort((~present).to(torch.uint8), dim=1, stable=True)  # present clusters first
+    gathered = losses.gather(1, order)
+    out = losses.new_zeros(losses.shape[0])
+    for m in sorted(set(n.tolist()) - {0}):
+        rows = (n == m).nonzero().squeeze(1)
+        out = out.index_put((rows,), cvar(gathered[rows, :m], alpha))
+    return out
+
+
+class Robust(Method):
+    name = "robust"
+    Args = RobustArgs
+
+    def __init__(self, args: dict | None = None):
+        super().__init__(args)
+        self.dm = DM()
+        self.cluster_ids: torch.Tensor | None = None  # int64 [len(train)] on CPU (kmeans assignment)
+        self.clustered_at = -1
+        self.reclusters = 0
+        self.sums: dict[str, float] = {}
+        self.count = 0
+
+    def lr_for(self, ipc: int) -> float:
+        return self.dm.lr_for(ipc)
+
+    # ---- engine hooks ---------------------------------------------------------------------
+    def prepare(self, engine) -> None:
+        a = self.args
+        if a.assignment == "kmeans":
+            sizes = torch.bincount(engine.train.labels.long(), minlength=engine.num_classes)
+            small = (sizes < a.k).nonzero().flatten()
+            if small.numel():
+                c = int(small[0])
+                raise ValueError(f"robust: config key 'k' ({a.k}) exceeds the {int(sizes[c])} training images of "
+                                 f"class {c}; every class needs at least k images")
+        if engine.test is not None and not any(getattr(e, "kind", None) == "worst_cluster" for e in engine.evaluators):
+            engine.evaluators.append(robust_data.worst_cluster_metric(a.eval_k))
+
+    def num_clusters(self, engine) -> int:
+        return engine.syn.ipc if self.args.assignment == "nearest-synthetic" else self.args.k
+
+    def needs_clustering(self, iteration: int) -> bool:
+        a = self.args
+        if a.assignment != "kmeans" or a.beta == 0:
+            return False
+        if self.cluster_ids is None:
+            return True
+        return bool(a.recluster_every) and iteration % a.recluster_every == 0 and self.clustered_at != iteration
+
+    def train_embeddings(self, engine) -> torch.Tensor:
+        """[N, F] features of every training image (no augmentation), in EMBED_CHUNK-sized forward passes."""
+        net = engine.new_network(self.args.embedding_model) if self.args.embedding == "random-net" else None
+        chunks = []
+        for lo in range(0, len(engine.train), EMBED_CHUNK):
+            x = engine.real_images(torch.arange(lo, min(lo + EMBED_CHUNK, len(engine.train))))
+            chunks.append(x.flatten(1).float() if net is None else engine.embed_real(net, x))
+        return torch.cat(chunks)
+
+    def cluster(self, engine, iteration: int) -> None:
+        """K-means of every class's training images in ONE batched call; ids kept per training sample."""
+        feats = self.train_embeddings(engine)
+        labels = engine.train.labels.long().to(feats.device)
+        result = batched_kmeans(feats, labels, engine.num_classes, self.args.k, iters=self.args.kmeans_iters,
+                                generator=engine.generator)
+        self.cluster_ids = result.labels.cpu()
+        self.clustered_at = iteration
+        self.reclusters += 1
+
+    def assign(self, engine, batch) -> torch.Tensor:
+        """Cluster in [0, K) of every sampled real row of the batch."""
+        if self.args.assignment == "kmeans":
+            return self.cluster_ids[batch.real_index.cpu()].to(batch.real_seg.device)
+        C, ipc = engine.num_classes, engine.syn.ipc
+        centroids = batch.syn_features.detach().to(batch.real_features.dtype).view(C, ipc, -1)
+        return kmeans_assign(batch.real_features, centroids, batch.real_seg)[0]
+
+    # ---- one step --------------------------------------------------------------------------
+    def compute(self, engine, iteration: int) -> MethodOutput:
+        a, C = self.args, engine.num_classes
+        if self.needs_clustering(iteration):
+            self.cluster(engine, iteration)
+        b = dm_batch(engine)
+        per_class = mean_match(b.real_features, b.real_seg, b.syn_features, b.syn_seg, C)  # DM's L_c
+        dm_loss = per_class.sum()
+        if a.assignment == "kmeans" and self.cluster_ids is None:  # β = 0: DM, no clusters needed
+            self._log(dm_loss=float(dm_loss.detach()))
+            return MethodOutput(loss=dm_loss, logs={"dm_loss": float(dm_loss.detach())})
+        K = self.num_clusters(engine)
+        losses, present = cluster_losses(b.real_features, b.real_seg, self.assign(engine, b), b.syn_features,
+                                         b.syn_seg, C, K)
+        risk = present_cvar(losses, present, a.alpha)
+        if a.beta == 0:
+            loss = dm_loss
+        else:
+            loss = (1 - a.beta) * dm_loss + a.beta * risk.sum()
+        logs = {"dm_loss": float(dm_loss.detach()), "cvar": float(risk.detach().sum()),
+                "worst_cluster_loss": float(losses.detach().masked_fill(~present, float("-inf")).max()),
+                "empty_cells": int((~present).sum())}
+        self._log(**logs)
+        return MethodOutput(loss=loss, logs=logs)
+
+    def _log(self, **values) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+        self.count += 1
+
+    # ---- reporting and state ---------------------------------------------------------------
+    def metrics(self, engine) -> dict:
+        info = {**dataclasses.asdict(self.args), "clusters_per_class": self.num_clusters(engine),
+                "reclusters": self.reclusters}
+        if self.cluster_ids is not None:
+            K = self.args.k
+            cells = engine.train.labels.long() * K + self.cluster_ids
+            info["cluster_sizes"] = torch.bincount(cells, minlength=engine.num_classes * K).view(-1, K).tolist()
+        info.update({f"{key}_mean": value / max(self.count, 1) for key, value in self.sums.items()})
+        out = {"robust": info}
+        last = engine.history["evaluations"][-1] if engine.history["evaluations"] else {}
+        table = {model: {key: s[key] for key in s if key == "mean" or key == "std" or key.startswith(
+                 ("worst_", "mean_cluster", "accuracy_group_")) and key.endswith(("_mean", "_std"))}
+                 for model, s in last.items() if isinstance(s, dict) and "worst_cluster_accuracy_mean" in s}
+        if table:
+            out["subpopulation_accuracy"] = table
+        return out
+
+    def state_dict(self) -> dict:
+        return {"cluster_ids": self.cluster_ids, "clustered_at": self.clustered_at, "reclusters": self.reclusters,
+                "sums": dict(self.sums), "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.cluster_ids = state.get("cluster_ids")
+        self.clustered_at = state.get("clustered_at", -1)
+        self.reclusters = state.get("reclusters", 0)
+        self.sums = dict(state.get("sums", {}))
+        self.count = state.get("count", 0)
