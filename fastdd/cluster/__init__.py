@@ -1,0 +1,4 @@
+"""fastdd.cluster: batched per-class K-means (k-means++ seeding, Lloyd iterations on fastdd ops)."""
+from .kmeans import KMeansResult, batched_kmeans, kmeans_plusplus
+
+__all__ = ["KMeansResult", "batched_kmeans", "kmeans_plusplus"]

@@ -1,0 +1,40 @@
+"""Reference kmeans_assign: argmin of ||c||^2 - 2 x.c (per segment when seg is given), exact ||x - c||^2."""
+from typing import Optional
+
+import torch
+
+from fastdd.ops._checks import check_ids_in_range
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _nearest(x: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
+    scores = torch.addmm((cents * cents).sum(1), x, cents.t(), beta=1, alpha=-2)
+    return scores.argmin(1)
+
+
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, seg: Optional[torch.Tensor] = None):
+    """Returns (sqdist, labels), the raw op's output order."""
+    acc = _acc_dtype(x.dtype)
+    xs = x.to(acc)
+    N = x.shape[0]
+    labels = torch.empty(N, dtype=torch.int64, device=x.device)
+    if N == 0:
+        return x.new_empty(0), labels
+    if centroids.shape[-2] == 0:
+        raise ValueError(f"kmeans_assign: centroids must hold at least one centroid per segment, "
+                         f"got shape {tuple(centroids.shape)}")
+    cents = centroids.to(acc)
+    if seg is None:
+        labels = _nearest(xs, cents)
+        chosen = cents[labels]
+    else:
+        check_ids_in_range("kmeans_assign", "seg", seg, centroids.shape[0])
+        for s in torch.unique(seg).tolist():
+            rows = (seg == s).nonzero().squeeze(1)
+            labels[rows] = _nearest(xs[rows], cents[s])
+        chosen = cents[seg, labels]
+    sqdist = (xs - chosen).square().sum(1)
+    return sqdist.to(x.dtype), labels
