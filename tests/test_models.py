@@ -63,7 +63,7 @@ def test_first_conv_pads_1_channel_28px_to_32px_only():
 
 
 def test_convnet_is_built_from_conv_blocks_with_swappable_tail():
-    model = get_model("ConvNet", 3, 10, 32)
+    model = get_model("ConvNet", 3, 10, 32, fused=False)  # the fused tail is covered in test_fused_convnet.py
     assert isinstance(model, ConvNet)
     assert all(isinstance(block, ConvBlock) for block in model.features)
     block = model.features[0]

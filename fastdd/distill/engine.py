@@ -47,13 +47,13 @@ class Distiller:
             artifacts.remove_stale_temps(out_dir)
 
     # ---- pieces methods compose -------------------------------------------------------------
-    def new_network(self, model: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
+    def new_network(self, model: str | None = None, num_classes: int | None = None, **overrides) -> torch.nn.Module:
         """A freshly initialised network, seeded from the engine's generator (global RNG untouched)."""
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = get_model(model or self.config.model, self.train.channels, num_classes or self.num_classes,
-                            self.train.image_size)
+                            self.train.image_size, **overrides)
         net = net.to(self.device)
         if self.config.channels_last:
             net = net.to(memory_format=torch.channels_last)

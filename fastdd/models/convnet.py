@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastdd.ops.norm_act_pool import norm_act_pool
+
 NORMS = ("instancenorm", "batchnorm", "layernorm", "groupnorm", "none")
 ACTIVATIONS = ("relu", "sigmoid", "leakyrelu")
 POOLINGS = ("avgpooling", "maxpooling", "none")
@@ -53,8 +55,9 @@ class ConvBlock(nn.Module):
     fused kernel can replace it."""
 
     def __init__(self, in_channels: int, out_channels: int, padding: int, norm: str, activation: str,
-                 pooling: str, conv_out_size: tuple[int, int]):
+                 pooling: str, conv_out_size: tuple[int, int], fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.norm_kind, self.activation_kind, self.pooling_kind = norm, activation, pooling
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=padding)
         self.norm = make_norm(norm, out_channels, *conv_out_size)
@@ -62,6 +65,8 @@ class ConvBlock(nn.Module):
         self.pool = make_pooling(pooling)
 
     def tail(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return norm_act_pool(x, self.norm.weight, self.norm.bias, self.norm.eps)
         return self.pool(self.act(self.norm(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,8 +78,14 @@ class ConvNet(nn.Module):
 
     def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32),
                  width: int = 128, depth: int = 3, norm: str = "instancenorm",
-                 activation: str = "relu", pooling: str = "avgpooling", name: str = "ConvNet"):
+                 activation: str = "relu", pooling: str = "avgpooling", name: str = "ConvNet",
+                 fused: bool | None = None):
         super().__init__()
+        fusable = norm == "instancenorm" and activation == "relu" and pooling == "avgpooling"
+        if fused and not fusable:
+            raise ValueError(f"{name}: fused=True needs norm='instancenorm', activation='relu' and "
+                             f"pooling='avgpooling' (got {norm}, {activation}, {pooling})")
+        fused = fusable if fused is None else bool(fused)
         if depth < 1:
             raise ValueError(f"{name}: depth must be >= 1, got {depth}")
         height, width_px = image_size
@@ -86,7 +97,7 @@ class ConvNet(nn.Module):
             if norm == "instancenorm" and height * width_px == 1:
                 raise ValueError(f"{name}: instance norm on a 1x1 map (block {index + 1}) is degenerate")
             blocks.append(ConvBlock(in_channels, width, padding, norm, activation, pooling,
-                                    (height, width_px)))
+                                    (height, width_px), fused=fused and min(height, width_px) >= 2))
             if pooling != "none":
                 height, width_px = height // 2, width_px // 2
             if height < 1 or width_px < 1:

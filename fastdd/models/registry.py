@@ -10,7 +10,7 @@ from .convnet import ConvNet
 from .resnet import ResNet18
 
 CONVNET_DEFAULTS = {"width": 128, "depth": 3, "norm": "instancenorm", "activation": "relu",
-                    "pooling": "avgpooling"}
+                    "pooling": "avgpooling", "fused": None}
 
 CONVNET_VARIANTS: dict[str, dict[str, Any]] = {
     "ConvNet": {},
