@@ -51,7 +51,8 @@ def main():
                          "bwd": S * D * es + N * 8 + N * D * es}
                 moved["fwd+bwd"] = moved["fwd"] + moved["bwd"]
                 gbps = moved[mode] / t["median_s"] / 1e9
-                row = dict(case=f"N={N} D={D} S={S}", N=N, D=D, S=S, dtype=str(dtype).split(".")[1],
+                row = dict(case=f"N={N} D={D} S={S}", N=N, D=D, S=S, threads=torch.get_num_threads(),
+                           load_avg_1min=os.getloadavg()[0], dtype=str(dtype).split(".")[1],
                            provider=prov, mode=mode, gbps=gbps, floor_gbps=floor_gbps,
                            pct_of_floor=100 * gbps / floor_gbps, bytes=N * D * es, **t)
                 res.add(**row)
@@ -61,7 +62,8 @@ def main():
             if r["case"] == f"N={N} D={D} S={S}":
                 r["speedup_vs_reference"] = ref_rows[r["mode"]] / r["median_s"]
     res.write(args.out)
-    res.plot(args.plot or args.out.replace(".json", f"_{res.meta['device_type']}.png"), x="bytes")
+    suffix = f"_{res.meta['device_type']}" + (f"_{args.threads}thread" if args.threads else "")
+    res.plot(args.plot or args.out.replace(".json", f"{suffix}.png"), x="bytes")
 
 
 if __name__ == "__main__":

@@ -149,4 +149,8 @@ def parse_args(description: str, default_out: str) -> argparse.Namespace:
     p.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--quick", action="store_true", help="small shapes and few repeats (smoke test)")
-    return p.parse_args()
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args

@@ -31,32 +31,35 @@ at::Tensor segment_mean_cpu(const at::Tensor& x_in, const at::Tensor& seg_in, in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "segment_mean_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t threads = at::get_num_threads();
-    // Column blocks keep each thread's accumulator private; rows are split only when D is too narrow.
-    const int64_t block_d = std::max<int64_t>(64, (D + threads - 1) / threads);
-    const int64_t n_dblocks = (D + block_d - 1) / block_d;
-    const int64_t n_rchunks = std::max<int64_t>(1, std::min<int64_t>(threads / n_dblocks, N / 4096));
-    at::Tensor acc = at::zeros({n_rchunks, S, D}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    // Fixed row groups, each with its own accumulator, handed out dynamically: a thread slowed by a busy
+    // core takes fewer groups, yet each group's summation order (and the final reduction) stays fixed,
+    // so results are deterministic. Few groups when S*D is large relative to the rows.
+    const int64_t groups = std::max<int64_t>(1, std::min<int64_t>({4 * threads, N / std::max<int64_t>(1, 2 * S), N / 64}));
+    const int64_t rows_per_group = (N + groups - 1) / groups;
+    at::Tensor acc = at::zeros({groups, S, D}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const int64_t* sp = seg.data_ptr<int64_t>();
     acc_t* ap = acc.data_ptr<acc_t>();
-    const int64_t rows_per_chunk = (N + n_rchunks - 1) / n_rchunks;
-    at::parallel_for(0, n_rchunks * n_dblocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t r = t / n_dblocks, b = t % n_dblocks;
-        accumulate_rows<scalar_t, acc_t>(xp, sp, ap + r * S * D, r * rows_per_chunk,
-                                         std::min(N, (r + 1) * rows_per_chunk), D, b * block_d,
-                                         std::min(D, (b + 1) * block_d));
+    if (groups == 1) {
+      accumulate_rows<scalar_t, acc_t>(xp, sp, ap, 0, N, D, 0, D);
+    } else {
+      _Pragma("omp parallel for schedule(dynamic, 1)")
+      for (int64_t g = 0; g < groups; ++g) {
+        accumulate_rows<scalar_t, acc_t>(xp, sp, ap + g * S * D, g * rows_per_group,
+                                         std::min(N, (g + 1) * rows_per_group), D, 0, D);
       }
-    });
+    }
     const int64_t* cp = counts.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, S, 1, [&](int64_t s0, int64_t s1) {
       for (int64_t s = s0; s < s1; ++s) {
         const acc_t inv = cp[s] > 0 ? acc_t(1) / static_cast<acc_t>(cp[s]) : acc_t(0);
+        scalar_t* __restrict__ os = op + s * D;
+        const acc_t* __restrict__ a0 = ap + s * D;
         for (int64_t d = 0; d < D; ++d) {
-          acc_t total = 0;
-          for (int64_t r = 0; r < n_rchunks; ++r) total += ap[(r * S + s) * D + d];
-          op[s * D + d] = static_cast<scalar_t>(total * inv);
+          acc_t total = a0[d];
+          for (int64_t g = 1; g < groups; ++g) total += ap[(g * S + s) * D + d];
+          os[d] = static_cast<scalar_t>(total * inv);
         }
       }
     });
