@@ -154,7 +154,10 @@ class SGS(Method):
                                         for c in cot])
                 return torch.autograd.grad(batch.syn_features, images, cot, is_grads_batched=True)[0]
             return batch, backward
-        net = engine.new_network()  # dm_batch's order of generator use: network, (pooled) sample, draw
+        # torch.func cannot transform through the fused norm_act_pool autograd: build the unfused ConvNet
+        # (same parameters and generator use, numerically equal within float tolerance).
+        unfused = {"fused": False} if engine.config.model.startswith("ConvNet") else {}
+        net = engine.new_network(**unfused)  # dm_batch's order of generator use: network, (pooled) sample, draw
         if index is None:
             index, cls = engine.sample_real_index(engine.config.batch_real)
         draw = engine.draw_augmentation()
