@@ -1,6 +1,8 @@
 // CPU kernels for fastdd::mean_match (per-segment squared distance of real and syn row means) and its backward.
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -13,13 +15,20 @@
 namespace fastdd {
 namespace {
 
+// acc[seg[i]] += x[i] over columns [d0, d1); a row not yet `touched` is written instead (no zero-fill pass).
 template <typename scalar_t, typename acc_t>
 void add_rows(const scalar_t* __restrict__ x, const int64_t* __restrict__ seg, acc_t* __restrict__ acc,
-              int64_t row_begin, int64_t row_end, int64_t D, int64_t d0, int64_t d1) {
+              uint8_t* touched, int64_t row_begin, int64_t row_end, int64_t D, int64_t d0, int64_t d1) {
   for (int64_t i = row_begin; i < row_end; ++i) {
+    const int64_t s = seg[i];
     const scalar_t* __restrict__ xi = x + i * D;
-    acc_t* __restrict__ ai = acc + seg[i] * D;
-    for (int64_t d = d0; d < d1; ++d) ai[d] += static_cast<acc_t>(xi[d]);
+    acc_t* __restrict__ ai = acc + s * D;
+    if (touched[s]) {
+      for (int64_t d = d0; d < d1; ++d) ai[d] += static_cast<acc_t>(xi[d]);
+    } else {
+      for (int64_t d = d0; d < d1; ++d) ai[d] = static_cast<acc_t>(xi[d]);
+      touched[s] = 1;
+    }
   }
 }
 
@@ -92,11 +101,12 @@ std::tuple<at::Tensor, at::Tensor> mean_match_cpu(const at::Tensor& real_in, con
     // are reduced serially afterwards); otherwise threads split the columns, share one accumulator and each
     // finalises its own columns inside the region.
     const int64_t threads = useful_threads((Nr + Ns) * D);
-    const bool split_rows = threads > 1 && 2 * S * threads * 16 <= Nr + Ns;
+    const bool split_rows = threads > 1 && 2 * S * threads * 4 <= Nr + Ns;
     const int64_t n_rchunks = split_rows ? threads : 1;
     const int64_t block_d = split_rows ? D : std::max<int64_t>(64, (D + threads - 1) / threads);
     const int64_t n_dblocks = (D + block_d - 1) / block_d;
     at::Tensor acc = at::empty({n_rchunks, 2 * S, D}, diff.options());  // per chunk: real sums, then syn sums
+    std::vector<uint8_t> touched(n_rchunks * n_dblocks * 2 * S, 0);     // per task: accumulator rows written
     at::Tensor partial = at::empty({n_dblocks, S}, diff.options());     // squared distance per column block
     acc_t* ap = acc.data_ptr<acc_t>();
     acc_t* pap = partial.data_ptr<acc_t>();
@@ -108,27 +118,37 @@ std::tuple<at::Tensor, at::Tensor> mean_match_cpu(const at::Tensor& real_in, con
     const int64_t* nrp = n_real.data_ptr<int64_t>();
     const int64_t* nsp = n_syn.data_ptr<int64_t>();
     const int64_t* pp = partner.data_ptr<int64_t>();
+    // diff and per-block squared distance from chunk 0's sums (other chunks are folded into it first); the
+    // rows read are exactly those of non-empty segments, all written by then.
     auto finalize = [&](int64_t b, int64_t d0, int64_t d1) {
+      constexpr int64_t kLanes = 16;  // independent partial sums let the squared-norm loop vectorise
       for (int64_t s = 0; s < S; ++s) {
         const int64_t t = pp[s];
         acc_t* __restrict__ ds = dp + s * D;
-        acc_t total = 0;
+        acc_t lanes[kLanes] = {};
         if (nrp[s] == 0 || nsp[t] == 0) {  // an empty side: zero loss, zero diff
           std::fill(ds + d0, ds + d1, acc_t(0));
         } else {
           const acc_t inv_r = acc_t(1) / static_cast<acc_t>(nrp[s]);
           const acc_t inv_s = acc_t(1) / static_cast<acc_t>(nsp[t]);
-          for (int64_t d = d0; d < d1; ++d) {
-            acc_t real_sum = 0, syn_sum = 0;
-            for (int64_t r = 0; r < n_rchunks; ++r) {
-              real_sum += ap[(r * 2 * S + s) * D + d];
-              syn_sum += ap[(r * 2 * S + S + t) * D + d];
+          const acc_t* __restrict__ real_sum = ap + s * D;
+          const acc_t* __restrict__ syn_sum = ap + (S + t) * D;
+          int64_t d = d0;
+          for (; d + kLanes <= d1; d += kLanes) {
+            for (int64_t k = 0; k < kLanes; ++k) {
+              const acc_t v = real_sum[d + k] * inv_r - syn_sum[d + k] * inv_s;
+              ds[d + k] = v;
+              lanes[k] += v * v;
             }
-            const acc_t v = real_sum * inv_r - syn_sum * inv_s;
+          }
+          for (; d < d1; ++d) {
+            const acc_t v = real_sum[d] * inv_r - syn_sum[d] * inv_s;
             ds[d] = v;
-            total += v * v;
+            lanes[0] += v * v;
           }
         }
+        acc_t total = 0;
+        for (int64_t k = 0; k < kLanes; ++k) total += lanes[k];
         pap[b * S + s] = total;
       }
     };
@@ -143,25 +163,41 @@ std::tuple<at::Tensor, at::Tensor> mean_match_cpu(const at::Tensor& real_in, con
         const int64_t r = task / n_dblocks, b = task % n_dblocks;
         const int64_t d0 = b * block_d, d1 = std::min(D, d0 + block_d);
         acc_t* chunk = ap + r * 2 * S * D;
-        for (int64_t row = 0; row < 2 * S; ++row) std::fill(chunk + row * D + d0, chunk + row * D + d1, acc_t(0));
+        uint8_t* flags = touched.data() + task * 2 * S;
         if (!split_rows) {
-          add_rows<scalar_t, acc_t>(rp, rsp, chunk, 0, Nr, D, d0, d1);
-          add_rows<scalar_t, acc_t>(sp, ssp, chunk + S * D, 0, Ns, D, d0, d1);
+          add_rows<scalar_t, acc_t>(rp, rsp, chunk, flags, 0, Nr, D, d0, d1);
+          add_rows<scalar_t, acc_t>(sp, ssp, chunk + S * D, flags + S, 0, Ns, D, d0, d1);
           finalize(b, d0, d1);
           continue;
         }
         for (int64_t k = next_block++; k < all_blocks; k = next_block++) {
           if (k < real_blocks) {
-            add_rows<scalar_t, acc_t>(rp, rsp, chunk, k * block_rows, std::min(Nr, (k + 1) * block_rows), D, 0, D);
+            add_rows<scalar_t, acc_t>(rp, rsp, chunk, flags, k * block_rows, std::min(Nr, (k + 1) * block_rows),
+                                      D, 0, D);
           } else {
             const int64_t j = k - real_blocks;
-            add_rows<scalar_t, acc_t>(sp, ssp, chunk + S * D, j * block_rows, std::min(Ns, (j + 1) * block_rows),
-                                      D, 0, D);
+            add_rows<scalar_t, acc_t>(sp, ssp, chunk + S * D, flags + S, j * block_rows,
+                                      std::min(Ns, (j + 1) * block_rows), D, 0, D);
           }
         }
       }
     });
-    if (split_rows) finalize(0, 0, D);
+    if (split_rows) {
+      for (int64_t r = 1; r < n_rchunks; ++r) {
+        for (int64_t row = 0; row < 2 * S; ++row) {
+          if (!touched[r * 2 * S + row]) continue;
+          const acc_t* __restrict__ src = ap + (r * 2 * S + row) * D;
+          acc_t* __restrict__ dst = ap + row * D;
+          if (touched[row]) {
+            for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+          } else {
+            std::copy(src, src + D, dst);
+            touched[row] = 1;
+          }
+        }
+      }
+      finalize(0, 0, D);
+    }
     scalar_t* lp = loss.data_ptr<scalar_t>();
     for (int64_t s = 0; s < S; ++s) {
       acc_t total = 0;
