@@ -65,13 +65,15 @@ def _inputs(Nr, Ns, D, S, k, dtype, device):
 
 def interleaved_times(runs: dict, device, repeats: int, warmup: int = 3) -> dict:
     """Like harness.time_fn for several callables, timed round-robin so that load from other processes on a
-    shared machine falls on every provider alike."""
+    shared machine falls on every provider alike. Each timed call follows an untimed one of the same callable,
+    so every provider meets the cache state it leaves itself (inputs of ~20 MB fit in a CPU's L3)."""
     for fn in runs.values():
         for _ in range(warmup):
             fn()
     samples = {key: [] for key in runs}
     for _ in range(repeats):
         for key, fn in runs.items():
+            fn()
             _sync(device)
             t0 = time.perf_counter()
             fn()
