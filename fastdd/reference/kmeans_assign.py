@@ -3,7 +3,11 @@ from typing import Optional
 
 import torch
 
-from fastdd.ops._checks import check_ids_in_range
+
+
+def check_ids_in_range(*args, **kwargs):
+    from fastdd.ops import _checks  # imported lazily: fastdd.ops imports this module while registering
+    return _checks.check_ids_in_range(*args, **kwargs)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
