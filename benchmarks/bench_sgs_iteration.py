@@ -11,7 +11,7 @@ from harness import Results, parse_args, time_fn  # noqa: E402
 from fastdd.data import from_tensors  # noqa: E402
 from fastdd.data.domains import rotated_mnist  # noqa: E402
 from fastdd.distill import Distiller, build_config  # noqa: E402
-from fastdd.distill.losses import mean_match  # noqa: E402
+from fastdd.ops import mean_match  # noqa: E402
 from fastdd.distill.methods.sgs import dm_loss, diversity_loss  # noqa: E402
 from fastdd.distill.methods.sgs_data import domain_generalization_data  # noqa: E402
 from fastdd.reference.spectral_surgery import spectral_surgery as reference_surgery  # noqa: E402

@@ -12,7 +12,7 @@ from fastdd.augment import AugDraw, SiameseAugment
 from fastdd.augment import ParamDiffAug as _ParamDiffAug
 from fastdd.augment.draw import crop_shift, cutout_size
 from fastdd.augment.params import parse_strategy
-from fastdd.distill.losses import mean_match
+from fastdd.ops import mean_match
 
 _COLOR_OPS = ("brightness", "saturation", "contrast")
 

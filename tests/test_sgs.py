@@ -8,7 +8,7 @@ from fastdd.cli import main as cli_main
 from fastdd.data import from_tensors
 from fastdd.data.domains import rotated_mnist
 from fastdd.distill import Distiller, build_config
-from fastdd.distill.losses import mean_match
+from fastdd.ops import mean_match
 from fastdd.distill.methods import sgs as sgs_module
 from fastdd.distill.methods.sgs import SGS, diversity_loss, domain_cotangents
 from fastdd.distill.methods.sgs_data import domain_generalization_data

@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdd.distill.losses import mean_match
+from fastdd.ops import mean_match
 from fastdd.distill.methods.base import Method, MethodOutput
 
 

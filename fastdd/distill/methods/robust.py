@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from fastdd.cluster import batched_kmeans
-from fastdd.distill.losses import mean_match
+from fastdd.ops import mean_match
 from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput
 from fastdd.distill.methods.dm import DM, dm_batch

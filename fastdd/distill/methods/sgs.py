@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdd.data.domains import DomainClassSampler, domain_index, source_domains
-from fastdd.distill.losses import mean_match
+from fastdd.ops import mean_match
 from fastdd.distill.methods import sgs_data  # noqa: F401  (registers rotated-mnist, colored-mnist, domain-folder)
 from fastdd.distill.methods.base import Method, MethodOutput
 from fastdd.distill.methods.dm import DMBatch, dm_batch
