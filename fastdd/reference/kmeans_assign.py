@@ -4,7 +4,6 @@ from typing import Optional
 import torch
 
 
-
 def check_ids_in_range(*args, **kwargs):
     from fastdd.ops import _checks  # imported lazily: fastdd.ops imports this module while registering
     return _checks.check_ids_in_range(*args, **kwargs)

@@ -2,7 +2,6 @@
 import torch
 
 
-
 def check_ids_in_range(*args, **kwargs):
     from fastdd.ops import _checks  # imported lazily: fastdd.ops imports this module while registering
     return _checks.check_ids_in_range(*args, **kwargs)
