@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 import torch  # noqa: E402
+from harness import mean_std  # noqa: E402
 
 from fastdd.data import load_dataset  # noqa: E402
 from fastdd.distill import Distiller, build_config  # noqa: E402
@@ -72,11 +74,6 @@ def distill_and_evaluate(method, data, seed):
         row["robust"] = {k: v for k, v in metrics["robust"].items() if k.endswith("_mean") or k == "reclusters"}
         row["robust"].update(rare_capture(engine))
     return row
-
-
-def mean_std(values):
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 def main():

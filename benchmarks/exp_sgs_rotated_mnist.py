@@ -7,9 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install needed
 
 import torch  # noqa: E402
+from harness import mean_std  # noqa: E402
 
 from fastdd.data import load_dataset  # noqa: E402
 from fastdd.data.domains import rotated_mnist  # noqa: E402
@@ -50,11 +52,6 @@ def distill_and_evaluate(method, args, data, seed, num_models):
             "per_domain": {k[len("accuracy_domain_"):-len("_mean")]: v for k, v in summary.items()
                            if k.startswith("accuracy_domain_") and k.endswith("_mean")},
             "ood_values": summary["ood_accuracy_values"], "sgs": metrics.get("sgs")}
-
-
-def mean_std(values):
-    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 def main():

@@ -77,6 +77,12 @@ def bandwidth_floor_gbps(device="cpu", nbytes=256 * 2**20, repeats=15) -> float:
     return x.numel() * 4 / t / 1e9
 
 
+def mean_std(values) -> dict:
+    """Mean, population std and count of a list of per-seed figures (experiment tables)."""
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
 def compiled(fn):
     """torch.compile(fn), or None where compile cannot run here."""
     try:
