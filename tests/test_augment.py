@@ -241,3 +241,80 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(out.cpu(), aug.apply(x, group, draw), atol=1e-5, rtol=0)
     per_sample = augment_per_sample(x.cuda(), _gen(20, "cuda"))
     assert per_sample.device.type == "cuda" and per_sample.shape == x.shape
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every aten op called, to spot host reads (_local_scalar_dense) and data-dependent shapes."""
+
+    HOST_SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "bincount",
+                    "repeat_interleave", "equal", "is_nonzero"}
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("strategy", [STRATEGY_DEFAULT, "scale_rotate", "crop_flip", "color"])
+def test_masked_gpu_path_equals_sorted_cpu_path_values_and_grads(strategy):
+    aug = SiameseAugment(strategy)
+    x, group = _images(60, (3, 12, 12)), _groups(60, 10)
+    draw = aug.draw(10, 12, _gen(21))
+    cotangent = _images(60, (3, 12, 12), seed=22)
+    x_sorted, x_masked = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_sorted = aug._apply_sorted_by_bucket("t", x_sorted, group, draw)
+    out_masked = aug._apply_masked(x_masked, group, draw)
+    assert torch.equal(out_masked, out_sorted)
+    out_sorted.backward(cotangent)
+    out_masked.backward(cotangent)
+    assert torch.equal(x_masked.grad, x_sorted.grad)
+
+
+def test_masked_gpu_path_reads_nothing_back_to_the_host(monkeypatch):
+    aug = SiameseAugment()
+    x, group = _images(30, (3, 10, 10)), _groups(30, 10)
+    draw = aug.draw(10, 10, _gen(23))
+    with _RecordOps() as sorted_path:
+        aug._apply_sorted_by_bucket("t", x, group, draw)
+    assert "bincount" in sorted_path.names  # the recorder does see the data-dependent ops
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("host read of a tensor")
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    with _RecordOps() as masked:
+        aug._apply_masked(x, group, draw)
+    monkeypatch.undo()
+    assert "grid_sampler_2d" in masked.names and "gather" in masked.names
+    assert not _RecordOps.HOST_SYNCING & set(masked.names)
+
+
+def test_packed_draw_copy_is_exact():
+    from fastdd.augment.draw import _packed_copy_to
+    draw = SiameseAugment().draw(7, 32, _gen(24))
+    names = ["op_index", "brightness", "saturation", "contrast", "crop", "cutout", "flip", "scale", "rotate"]
+    moved = _packed_copy_to(torch.device("cpu"), {name: getattr(draw, name) for name in names})
+    for name in names:
+        original = getattr(draw, name)
+        assert moved[name].dtype == original.dtype and torch.equal(moved[name], original), name
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_siamese_apply_has_no_host_sync():
+    aug = SiameseAugment()
+    x, group = _images(64, (3, 32, 32)).cuda(), _groups(64, 10).cuda()
+    aug.apply(x, group, aug.draw(10, 32, _gen(25), device="cuda"))  # warm caches
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        draw = aug.draw(10, 32, _gen(26), device="cuda")
+        out = aug.apply(x, group, draw)
+        per_sample = augment_per_sample(x, _gen(27))
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.testing.assert_close(out.cpu(), aug.apply(x.cpu(), group.cpu(), draw.to("cpu")), atol=1e-5, rtol=0)
+    assert per_sample.shape == x.shape

@@ -34,17 +34,36 @@ class AugDraw:
         return self.op_index.device
 
     def to(self, device) -> "AugDraw":
+        """Host-to-GPU moves are one packed non-blocking copy from pinned memory (no device sync)."""
         device = torch.device(device)
         if device == self.device:
             return self
-        non_blocking = device.type == "cuda"  # a non-blocking copy to the host could be read too early
-        moved = {f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
-                 for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
-        return replace(self, **moved)
+        names = [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+        if self.device.type == "cpu" and device.type == "cuda":
+            return replace(self, **_packed_copy_to(device, {name: getattr(self, name) for name in names}))
+        # A non-blocking copy to the host could be read before it lands: these copies block.
+        return replace(self, **{name: getattr(self, name).to(device) for name in names})
 
     def with_single_op(self) -> "AugDraw":
         """Every group takes group 0's op: one op group per call, parameters still per group."""
         return replace(self, op_index=self.op_index[:1].expand_as(self.op_index).contiguous())
+
+
+def _packed_copy_to(device: torch.device, tensors: dict) -> dict:
+    """All tensors as float64 columns of one pinned buffer, copied once; exact for the small ints,
+    bools and float32 values a draw holds."""
+    rows = next(iter(tensors.values())).shape[0]
+    columns = [t.reshape(rows, -1).to(torch.float64) for t in tensors.values()]
+    packed = torch.cat(columns, 1)
+    if torch.cuda.is_available():
+        packed = packed.pin_memory()
+    on_device = packed.to(device, non_blocking=True)
+    moved, start = {}, 0
+    for (name, t), column in zip(tensors.items(), columns):
+        width = column.shape[1]
+        moved[name] = on_device[:, start:start + width].to(t.dtype).reshape(t.shape)
+        start += width
+    return moved
 
 
 def fresh_generator(device=None) -> torch.Generator:

@@ -37,6 +37,16 @@ def _raise_if_out_of_range(where: str, low: int, high: int, num_groups: int) -> 
                          f"found values in [{low}, {high}]")
 
 
+def _check_range(where: str, group: torch.Tensor, num_groups: int) -> None:
+    """On the host: ValueError. On a GPU: a device-side assert, so the stream never waits for the host."""
+    if group.device.type == "cpu":
+        low, high = torch.stack(torch.aminmax(group)).tolist()
+        _raise_if_out_of_range(where, low, high, num_groups)
+        return
+    torch._assert_async(((group >= 0) & (group < num_groups)).all(),
+                        f"{where}: group ids must lie in [0, num_groups={num_groups})")
+
+
 def _image_size(image_size) -> tuple[int, int]:
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(int(s) for s in image_size)
     if len(size) != 2 or min(size) < 1:
@@ -52,6 +62,7 @@ class SiameseAugment:
         self.param = ParamDiffAug() if param is None else param
         check_param(self.param)
         self._position_kind = torch.tensor([_KIND[name] for name in self.ops], dtype=torch.int64)
+        self._position_kind_on: dict[torch.device, torch.Tensor] = {}
 
     def draw(self, num_groups: int, image_size, generator: torch.Generator | None = None,
              device=None) -> AugDraw:
@@ -74,8 +85,7 @@ class SiameseAugment:
             return x
         draw = draw.to(x.device)
         if self.param.aug_mode == "M":
-            low, high = torch.stack(torch.aminmax(group)).tolist()
-            _raise_if_out_of_range(where, low, high, draw.num_groups)
+            _check_range(where, group, draw.num_groups)
             for name in self.ops:
                 kind = _KIND[name]
                 x = self._apply_bucket(min(kind, _AFFINE_BUCKET), x, group, torch.full_like(group, kind), draw)
@@ -90,11 +100,23 @@ class SiameseAugment:
 
     def _apply_single_mode(self, where: str, x: torch.Tensor, group: torch.Tensor,
                            draw: AugDraw) -> torch.Tensor:
+        if x.device.type == "cpu":
+            return self._apply_sorted_by_bucket(where, x, group, draw)
+        _check_range(where, group, draw.num_groups)
+        return self._apply_masked(x, group, draw)
+
+    def _sample_kind(self, group: torch.Tensor, draw: AugDraw) -> torch.Tensor:
+        device = group.device
+        if device not in self._position_kind_on:
+            self._position_kind_on[device] = self._position_kind.to(device)
+        return self._position_kind_on[device][draw.op_index[group.clamp(0, draw.num_groups - 1)]]
+
+    def _apply_sorted_by_bucket(self, where: str, x: torch.Tensor, group: torch.Tensor,
+                                draw: AugDraw) -> torch.Tensor:
+        """CPU: each op runs on its own samples only; the bucket sizes are read on the host."""
         num_groups = draw.num_groups
-        position_kind = self._position_kind.to(x.device)
-        sample_kind = position_kind[draw.op_index[group.clamp(0, num_groups - 1)]]
+        sample_kind = self._sample_kind(group, draw)
         sample_bucket = sample_kind.clamp(max=_AFFINE_BUCKET)
-        # One host sync for range check and bucket sizes together.
         stats = torch.cat([torch.stack(torch.aminmax(group)),
                            torch.bincount(sample_bucket, minlength=_NUM_BUCKETS)]).tolist()
         _raise_if_out_of_range(where, stats[0], stats[1], num_groups)
@@ -109,6 +131,17 @@ class SiameseAugment:
                 part = self._apply_bucket(bucket, x.index_select(0, members), group.index_select(0, members),
                                           sample_kind.index_select(0, members), draw)
                 out.index_copy_(0, members, part)
+        return out
+
+    def _apply_masked(self, x: torch.Tensor, group: torch.Tensor, draw: AugDraw) -> torch.Tensor:
+        """GPU, sync-free: every bucket of the strategy runs on the whole batch and each sample keeps its
+        own bucket's result (per-sample ops, so the values equal the sorted path's)."""
+        sample_kind = self._sample_kind(group, draw)
+        sample_bucket = sample_kind.clamp(max=_AFFINE_BUCKET).view(-1, 1, 1, 1)
+        buckets = sorted({min(_KIND[name], _AFFINE_BUCKET) for name in self.ops})
+        out = self._apply_bucket(buckets[0], x, group, sample_kind, draw)
+        for bucket in buckets[1:]:
+            out = torch.where(sample_bucket == bucket, self._apply_bucket(bucket, x, group, sample_kind, draw), out)
         return out
 
     @staticmethod
