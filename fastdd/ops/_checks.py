@@ -1,4 +1,6 @@
 """Argument checks shared by the public ops and their fake kernels (metadata only, no device sync)."""
+import os
+
 import torch
 
 
@@ -34,11 +36,33 @@ def check_same_device(op: str, **tensors: torch.Tensor) -> None:
         raise ValueError(f"{op}: all tensors must be on one device, got {listed}")
 
 
+def debug_checks() -> bool:
+    """FASTDD_DEBUG=1: value checks on accelerator tensors run on the host (one sync each) and raise ValueError."""
+    return os.environ.get("FASTDD_DEBUG", "0") == "1"
+
+
 def check_ids_in_range(op: str, name: str, ids: torch.Tensor, upper: int) -> None:
-    """Value check (syncs on GPU): used inside kernels' Python wrappers, never on a traced path."""
+    """Ids must lie in [0, upper): ValueError naming `name`, without a host sync on accelerators.
+
+    CPU tensors are checked at once (``torch._assert_async`` is synchronous there, and it reads the flag in C++,
+    so no Python-level host read happens). On CUDA the check is a device-side assertion queued before the op's
+    kernels (a bad id aborts the CUDA context with a device-side assert), unless FASTDD_DEBUG=1 asks for the host
+    check and its ValueError.
+    """
     if ids.numel() == 0:
         return
     lo, hi = torch.aminmax(ids)
-    lo, hi = int(lo), int(hi)
-    if lo < 0 or hi >= upper:
-        raise ValueError(f"{op}: {name} ids must lie in [0, {upper}), found values in [{lo}, {hi}]")
+    ok = (lo >= 0) & (hi < upper)
+    message = f"{op}: {name} ids must lie in [0, {upper})"
+    if ids.device.type == "cpu":
+        try:
+            torch._assert_async(ok, message)
+            return
+        except RuntimeError:
+            pass
+    elif not debug_checks():
+        torch._assert_async(ok, message)
+        return
+    elif bool(ok):
+        return
+    raise ValueError(f"{message}, found values in [{int(lo)}, {int(hi)}]")

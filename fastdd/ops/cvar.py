@@ -16,10 +16,11 @@ def cvar_weights(K: int, alpha: float, dtype=torch.float32, device=None) -> torc
         m = float(round(m))
     n = math.floor(m)
     count = min(K, math.ceil(m))
-    w = torch.full((count,), 1.0 / m, dtype=torch.float64)
+    # Built on the target device (a host tensor moved there would be a synchronising copy on CUDA).
+    w = torch.full((count,), 1.0 / m, dtype=dtype, device=device)
     if count > n:
-        w[n] = (m - n) / m
-    return w.to(dtype=dtype, device=device)
+        w[n:].fill_((m - n) / m)
+    return w
 
 
 def cvar(losses: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -29,7 +30,8 @@ def cvar(losses: torch.Tensor, alpha: float) -> torch.Tensor:
     ``floor(alpha K)`` largest losses get weight ``1/(alpha K)``, the next one ``(alpha K - floor(alpha K))/(alpha K)``,
     the rest 0. ``alpha = 1`` is the mean, ``alpha <= 1/K`` the max. Differentiable: the gradient reaches the selected
     losses with those weights (ties are broken by ``torch.topk``; any choice is a valid subgradient).
-    ``alpha`` must be a real number in (0, 1]. Returns ``[...]`` in the losses' dtype.
+    ``alpha`` must be a real number in (0, 1] (a Python number keeps the op free of host syncs; a one-element
+    tensor is read with ``.item()``). Returns ``[...]`` in the losses' dtype.
     """
     if not isinstance(losses, torch.Tensor):
         raise TypeError(f"cvar: losses must be a Tensor, got {type(losses).__name__}")
@@ -38,7 +40,7 @@ def cvar(losses: torch.Tensor, alpha: float) -> torch.Tensor:
     if losses.dim() == 0 or losses.shape[-1] == 0:
         raise ValueError(f"cvar: losses must have at least one value in the last dim, got shape {tuple(losses.shape)}")
     if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and not alpha.requires_grad:
-        alpha = alpha.item()
+        alpha = alpha.item()  # alpha fixes how many losses are kept (a shape): a tensor alpha costs one sync
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < float(alpha) <= 1.0:
         raise ValueError(f"cvar: alpha must be a real number in (0, 1], got {alpha!r}")
     K = losses.shape[-1]

@@ -18,6 +18,20 @@ def _nearest(x: torch.Tensor, cents: torch.Tensor) -> torch.Tensor:
     return scores.argmin(1)
 
 
+def _nearest_in_segment(x: torch.Tensor, cents: torch.Tensor, seg: torch.Tensor, chunk: int = 1 << 22):
+    """Per-row argmin over its own segment's k centroids: scores against all S*k, then a gather (no host sync)."""
+    S, k, _ = cents.shape
+    flat = cents.reshape(S * k, -1)
+    norms = (flat * flat).sum(1)
+    rows = max(1, chunk // max(S * k, 1))
+    labels = []
+    for i in range(0, x.shape[0], rows):
+        scores = torch.addmm(norms, x[i:i + rows], flat.t(), beta=1, alpha=-2).view(-1, S, k)
+        own = scores.gather(1, seg[i:i + rows, None, None].expand(-1, 1, k)).squeeze(1)
+        labels.append(own.argmin(1))
+    return torch.cat(labels)
+
+
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, seg: Optional[torch.Tensor] = None):
     """Returns (sqdist, labels), the raw op's output order."""
     acc = _acc_dtype(x.dtype)
@@ -35,9 +49,7 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, seg: Optional[torch.
         chosen = cents[labels]
     else:
         check_ids_in_range("kmeans_assign", "seg", seg, centroids.shape[0])
-        for s in torch.unique(seg).tolist():
-            rows = (seg == s).nonzero().squeeze(1)
-            labels[rows] = _nearest(xs[rows], cents[s])
+        labels = _nearest_in_segment(xs, cents, seg)
         chosen = cents[seg, labels]
     sqdist = (xs - chosen).square().sum(1)
     return sqdist.to(x.dtype), labels

@@ -1,5 +1,7 @@
-"""Reference mean_match (the DM loss per segment): index_add_/bincount segment means, then squared differences."""
+"""Reference mean_match (the DM loss per segment): index_add_ segment means and counts, then squared differences."""
 import torch
+
+from fastdd.reference.segment_mean import row_counts
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -17,7 +19,7 @@ def _check_ids(op, num_segments, real_seg, syn_seg, real_to_syn):
 
 def _segment_sums(x, seg, num_segments, acc_dtype):
     sums = torch.zeros(num_segments, x.shape[1], dtype=acc_dtype, device=x.device).index_add_(0, seg, x.to(acc_dtype))
-    return sums, torch.bincount(seg, minlength=num_segments).to(acc_dtype)
+    return sums, row_counts(seg, num_segments, acc_dtype)
 
 
 def mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn=None):
@@ -39,8 +41,8 @@ def mean_match_backward(grad, diff, grad_diff, real_seg, syn_seg, real_to_syn, r
     """(grad_real [Nr, D] or [0, D], grad_syn [Ns, D] or [0, D]) in `dtype` for cotangents (grad, grad_diff)."""
     num_segments, D = diff.shape
     _check_ids("mean_match_backward", num_segments, real_seg, syn_seg, real_to_syn)
-    n_r = torch.bincount(real_seg, minlength=num_segments).to(diff.dtype)
-    n_s = torch.bincount(syn_seg, minlength=num_segments).to(diff.dtype)
+    n_r = row_counts(real_seg, num_segments, diff.dtype)
+    n_s = row_counts(syn_seg, num_segments, diff.dtype)
     partner = n_s if real_to_syn is None else n_s[real_to_syn]
     valid = ((n_r > 0) & (partner > 0)).to(diff.dtype)
     h = torch.zeros_like(diff)  # per-segment cotangent of diff: 2·g·diff + grad_diff

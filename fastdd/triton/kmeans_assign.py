@@ -65,7 +65,8 @@ def _assign_kernel(x_ptr, c_ptr, cnorm_ptr, order_ptr, block_seg_ptr, block_row_
 def _block_schedule(seg, num_segments: int, N: int, block_n: int):
     """Per-program (segment, first row, end row) in segment-sorted order, built on device without a sync."""
     device = seg.device
-    counts = torch.bincount(seg, minlength=num_segments)
+    ones = torch.ones((), dtype=torch.int64, device=device).expand(N)
+    counts = torch.zeros(num_segments, dtype=torch.int64, device=device).index_add_(0, seg, ones)
     seg_start = torch.cumsum(counts, 0) - counts
     blocks = (counts + block_n - 1) // block_n
     block_end = torch.cumsum(blocks, 0)

@@ -3,6 +3,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdd.ops._checks import check_ids_in_range
+from fastdd.reference import mean_match as ref
+
 
 @triton.jit
 def _run_sums(x_ptr, seg_ptr, out_ptr, cnt_ptr, N, stride, row0, pid_d, D,
@@ -49,7 +52,7 @@ def _sums_kernel(real_ptr, real_seg_ptr, syn_ptr, syn_seg_ptr, sums_ptr, counts_
 @triton.jit
 def _finalize_kernel(sums_ptr, counts_ptr, map_ptr, loss_ptr, diff_ptr, S, D,
                      HAS_MAP: tl.constexpr, BLOCK_D: tl.constexpr):
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)
     t = s
     if HAS_MAP:
         t = tl.load(map_ptr + s)
@@ -74,7 +77,7 @@ def _finalize_kernel(sums_ptr, counts_ptr, map_ptr, loss_ptr, diff_ptr, S, D,
 def _syn_table_kernel(grad_ptr, diff_ptr, gd_ptr, counts_ptr, map_ptr, table_ptr, S, D,
                       HAS_G: tl.constexpr, HAS_GD: tl.constexpr, BLOCK_D: tl.constexpr):
     # table[t] += valid[s]·(2·grad[s]·diff[s] + grad_diff[s]) for every real segment s mapped to t.
-    s = tl.program_id(0)
+    s = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask = offs < D
     t = tl.load(map_ptr + s)
@@ -94,7 +97,7 @@ def _row_grad_kernel(seg_ptr, grad_ptr, tab_ptr, gd_ptr, own_cnt_ptr, part_cnt_p
                      CHECK_PARTNER: tl.constexpr, HAS_MAP: tl.constexpr,
                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # out[i] = SIGN·valid/n_own·(2·grad[u]·tab[u] + gd[u]), u = seg[i]: each row's gradient written directly.
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_r = rows < N
     mask = mask_r[:, None] & (cols[None, :] < D)
@@ -123,19 +126,15 @@ def _block_d(D: int) -> int:
 
 
 def check_ids(op: str, num_segments: int, **ids: torch.Tensor) -> None:
-    """Range-check several id tensors with a single device sync."""
-    named = [(name, t) for name, t in ids.items() if t is not None and t.numel() > 0]
-    if not named:
-        return
-    bounds = torch.stack([torch.stack(torch.aminmax(t)) for _, t in named]).tolist()
-    for (name, _), (lo, hi) in zip(named, bounds):
-        if lo < 0 or hi >= num_segments:
-            raise ValueError(f"{op}: {name} ids must lie in [0, {num_segments}), found values in [{lo}, {hi}]")
+    """Range-check several id tensors without a host sync (see fastdd.ops._checks.check_ids_in_range)."""
+    for name, t in ids.items():
+        if t is not None:
+            check_ids_in_range(op, name, t, num_segments)
 
 
 @triton.jit
 def _count_kernel(real_seg_ptr, syn_seg_ptr, counts_ptr, Nr, Ns, S, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     is_real = offs < Nr
     is_syn = (offs >= Nr) & (offs < Nr + Ns)
     u = tl.load(real_seg_ptr + offs, mask=is_real, other=0)
@@ -154,13 +153,17 @@ def _counts(real_seg, syn_seg, num_segments, block=1024):
     return counts
 
 
+def row_counts(seg, num_segments):
+    """int32 [num_segments]: rows per id (one launch, no sync; ids already range-checked)."""
+    return _counts(seg, seg[:0], num_segments)[:num_segments]
+
+
 def mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn=None, rows: int = 32):
+    if real.dtype == torch.float64:  # Triton accumulates in fp32; float64 keeps its precision via the reference
+        return ref.mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
     check_ids("mean_match", num_segments, real_seg=real_seg, syn_seg=syn_seg, real_to_syn=real_to_syn)
     real, syn = real.contiguous(), syn.contiguous()
     (Nr, D), Ns, S = real.shape, syn.shape[0], num_segments
-    if real.dtype == torch.float64:  # Triton accumulates in fp32; float64 keeps its precision via the reference
-        from fastdd.reference import mean_match as ref
-        return ref.mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
     loss = torch.zeros(S, dtype=real.dtype, device=real.device)
     diff = torch.zeros(S, D, dtype=torch.float32, device=real.device)
     if S == 0 or D == 0:
@@ -181,12 +184,11 @@ def mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn=None, row
 
 def mean_match_backward(grad, diff, grad_diff, real_seg, syn_seg, real_to_syn, real_grad, syn_grad, dtype):
     S, D = diff.shape
-    check_ids("mean_match_backward", S, real_seg=real_seg, syn_seg=syn_seg, real_to_syn=real_to_syn)
-    Nr, Ns = real_seg.shape[0], syn_seg.shape[0]
     if diff.dtype == torch.float64:
-        from fastdd.reference import mean_match as ref
         return ref.mean_match_backward(grad, diff, grad_diff, real_seg, syn_seg, real_to_syn, real_grad,
                                        syn_grad, dtype)
+    check_ids("mean_match_backward", S, real_seg=real_seg, syn_seg=syn_seg, real_to_syn=real_to_syn)
+    Nr, Ns = real_seg.shape[0], syn_seg.shape[0]
     grad_real = diff.new_empty((Nr if real_grad else 0, D), dtype=dtype)
     grad_syn = diff.new_empty((Ns if syn_grad else 0, D), dtype=dtype)
     if S == 0 or D == 0 or (grad is None and grad_diff is None):
