@@ -12,7 +12,8 @@ from fastdd.data import from_tensors  # noqa: E402
 from fastdd.data.domains import rotated_mnist  # noqa: E402
 from fastdd.distill import Distiller, build_config  # noqa: E402
 from fastdd.ops import mean_match  # noqa: E402
-from fastdd.distill.methods.sgs import dm_loss, diversity_loss  # noqa: E402
+from fastdd.distill.methods.dm import dm_loss  # noqa: E402
+from fastdd.distill.methods.sgs import diversity_loss  # noqa: E402
 from fastdd.distill.methods.sgs_data import domain_generalization_data  # noqa: E402
 from fastdd.reference.spectral_surgery import spectral_surgery as reference_surgery  # noqa: E402
 
@@ -39,7 +40,7 @@ def naive_update(engine, method):
     batch, _ = method._forward(engine, batched=False)
     real_dom = method.domain_of(engine, batch.real_index)
     images = engine.syn.images
-    g_dm = torch.autograd.grad(dm_loss(engine, batch), images, retain_graph=True)[0]
+    g_dm = torch.autograd.grad(dm_loss(batch, engine.num_classes), images, retain_graph=True)[0]
     g_d = torch.stack([torch.autograd.grad(
         mean_match(batch.real_features[real_dom == d], batch.real_seg[real_dom == d], batch.syn_features,
                    batch.syn_seg, engine.num_classes).sum(), images, retain_graph=True)[0] for d in range(method.D)])

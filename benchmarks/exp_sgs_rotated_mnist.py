@@ -32,9 +32,9 @@ SETTINGS = dict(ipc=10, iterations=100, batch_real=32, model="ConvNetW32", eval_
 GRID = [dict(lambda_sh=1.0, tau=0.5, lambda_div=0.0), dict(lambda_sh=1.0, tau=0.8, lambda_div=100.0)]
 
 
-def distill_and_evaluate(method, args, data, seed, num_models):
+def distill_and_evaluate(method, args, data, seed, num_models, settings=None):
     train, test, evaluators = data
-    s = SETTINGS
+    s = SETTINGS if settings is None else settings
     cfg = build_config({"method": method, "ipc": s["ipc"], "iterations": s["iterations"], "batch_real": s["batch_real"],
                         "model": s["model"], "seed": seed, "device": "cpu", "progress": False, "checkpoint_every": 0,
                         **args})
@@ -51,7 +51,8 @@ def distill_and_evaluate(method, args, data, seed, num_models):
             "ood": summary["ood_accuracy_mean"], "id": summary["id_accuracy_mean"], "all_domains": summary["mean"],
             "per_domain": {k[len("accuracy_domain_"):-len("_mean")]: v for k, v in summary.items()
                            if k.startswith("accuracy_domain_") and k.endswith("_mean")},
-            "ood_values": summary["ood_accuracy_values"], "sgs": metrics.get("sgs")}
+            "ood_values": summary["ood_accuracy_values"], "id_values": summary.get("id_accuracy_values"),
+            "sgs": metrics.get("sgs")}
 
 
 def main():

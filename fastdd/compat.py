@@ -12,7 +12,7 @@ from fastdd.augment import AugDraw, SiameseAugment
 from fastdd.augment import ParamDiffAug as _ParamDiffAug
 from fastdd.augment.draw import crop_shift, cutout_size
 from fastdd.augment.params import parse_strategy
-from fastdd.ops import mean_match
+from fastdd.distill.methods.dm import dm_class_losses
 
 _COLOR_OPS = ("brightness", "saturation", "contrast")
 
@@ -125,4 +125,4 @@ def dm_class_loss(embed, images_real, images_syn, dsa_strategy: str | None = Non
     with torch.no_grad():
         real_features = embed(torch.cat(images_real))
     syn_features = embed(torch.cat(images_syn))
-    return mean_match(real_features, real_seg, syn_features, syn_seg, len(images_real)).sum()
+    return dm_class_losses(real_features, real_seg, syn_features, syn_seg, len(images_real)).sum()

@@ -9,7 +9,7 @@ from fastdd.data import from_tensors
 from fastdd.data.domains import rotated_mnist
 from fastdd.distill import Distiller, build_config
 from fastdd.ops import mean_match
-from fastdd.distill.methods import sgs as sgs_module
+from fastdd.distill.methods.dm import dm_loss
 from fastdd.distill.methods.sgs import SGS, diversity_loss, domain_cotangents
 from fastdd.distill.methods.sgs_data import domain_generalization_data
 from fastdd.ops.norm_act_pool import FusedNormActPool
@@ -104,7 +104,7 @@ def test_update_is_g_dm_plus_shared_plus_diversity(domains):
     batch, _ = m._forward(engine, batched=False)
     real_dom = m.domain_of(engine, batch.real_index)
     images = engine.syn.images
-    g_dm = torch.autograd.grad(sgs_module.dm_loss(engine, batch), images, retain_graph=True)[0]
+    g_dm = torch.autograd.grad(dm_loss(batch, 3), images, retain_graph=True)[0]
     g_div = torch.autograd.grad(diversity_loss(batch.syn_features, batch.syn_seg, 3), images, retain_graph=True)[0]
     g_dom = _oracle_domain_grads(engine, batch, real_dom, 3)
     shared, _ = reference_surgery(g_dom, 0.6)

@@ -14,7 +14,18 @@ class DMBatch:
     real_index: torch.Tensor      # [M] index into the training set
     syn_features: torch.Tensor    # [N, F], with grad to the synthetic images
     syn_seg: torch.Tensor         # [N]
-    net: torch.nn.Module
+
+
+def dm_class_losses(real_features, real_seg, syn_features, syn_seg, num_classes: int) -> torch.Tensor:
+    """[C]: ‖μ_real(c) − μ_syn(c)‖² per class from ONE mean_match call (the single DM-loss helper of the package;
+    DM's loss is its sum). real_seg may live on the CPU (samplers draw there)."""
+    real_seg = real_seg.to(real_features.device)
+    return mean_match(real_features, real_seg, syn_features, syn_seg, num_classes)
+
+
+def dm_loss(batch: DMBatch, num_classes: int) -> torch.Tensor:
+    """DM's loss Σ_c ‖μ_real(c) − μ_syn(c)‖² of one batch."""
+    return dm_class_losses(batch.real_features, batch.real_seg, batch.syn_features, batch.syn_seg, num_classes).sum()
 
 
 def dm_batch(engine, real_index=None, real_seg=None) -> DMBatch:
@@ -27,17 +38,17 @@ def dm_batch(engine, real_index=None, real_seg=None) -> DMBatch:
     syn = engine.augment(engine.syn.images, engine.syn.seg, draw)
     real_features = engine.embed_real(net, real)
     syn_features = engine.embed(net, syn)
-    return DMBatch(real_features, real_seg, real_index, syn_features, engine.syn.seg, net)
+    return DMBatch(real_features, real_seg, real_index, syn_features, engine.syn.seg)
 
 
 class DM(Method):
     name = "dm"
-    default_lr = 1.0
 
     def lr_for(self, ipc: int) -> float:
         return 10.0 if ipc >= 100 else 1.0
 
+    def loss_from_batch(self, engine, batch: DMBatch) -> torch.Tensor:
+        return dm_loss(batch, engine.num_classes)
+
     def compute(self, engine, iteration: int) -> MethodOutput:
-        b = dm_batch(engine)
-        per_class = mean_match(b.real_features, b.real_seg, b.syn_features, b.syn_seg, engine.num_classes)
-        return MethodOutput(loss=per_class.sum())
+        return MethodOutput(loss=self.loss_from_batch(engine, dm_batch(engine)))

@@ -26,11 +26,10 @@ from dataclasses import dataclass
 import torch
 
 from fastdd.cluster import batched_kmeans
-from fastdd.ops import mean_match
 from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput
-from fastdd.distill.methods.dm import DM, dm_batch
-from fastdd.ops import cvar, kmeans_assign
+from fastdd.distill.methods.dm import DM, dm_batch, dm_class_losses
+from fastdd.ops import cvar, kmeans_assign, mean_match
 
 ASSIGNMENTS = ("kmeans", "nearest-synthetic")
 EMBEDDINGS = ("random-net", "pixels")
@@ -96,6 +95,17 @@ def present_cvar(losses: torch.Tensor, present: torch.Tensor, alpha: float) -> t
         rows = (n == m).nonzero().squeeze(1)
         out = out.index_put((rows,), cvar(gathered[rows, :m], alpha))
     return out
+
+
+def robust_objective(class_losses: torch.Tensor, losses: torch.Tensor, present: torch.Tensor, alpha: float,
+                     beta: float):
+    """(loss, risk [C]): Σ_c (1 − β)·class_losses[c] + β·CVaR_α(present entries of losses[c]); β = 0 is exactly
+    Σ_c class_losses[c]. Independent of how the [C] and [C, K] base losses were computed (DM or GM)."""
+    risk = present_cvar(losses, present, alpha)
+    base = class_losses.sum()
+    if beta == 0:
+        return base, risk
+    return (1 - beta) * base + beta * risk.sum(), risk
 
 
 class Robust(Method):
@@ -171,7 +181,7 @@ class Robust(Method):
         if self.needs_clustering(iteration):
             self.cluster(engine, iteration)
         b = dm_batch(engine)
-        per_class = mean_match(b.real_features, b.real_seg, b.syn_features, b.syn_seg, C)  # DM's L_c
+        per_class = dm_class_losses(b.real_features, b.real_seg, b.syn_features, b.syn_seg, C)  # DM's L_c
         dm_loss = per_class.sum()
         if a.assignment == "kmeans" and self.cluster_ids is None:  # β = 0: DM, no clusters needed
             self._log(dm_loss=float(dm_loss.detach()))
@@ -179,11 +189,7 @@ class Robust(Method):
         K = self.num_clusters(engine)
         losses, present = cluster_losses(b.real_features, b.real_seg, self.assign(engine, b), b.syn_features,
                                          b.syn_seg, C, K)
-        risk = present_cvar(losses, present, a.alpha)
-        if a.beta == 0:
-            loss = dm_loss
-        else:
-            loss = (1 - a.beta) * dm_loss + a.beta * risk.sum()
+        loss, risk = robust_objective(per_class, losses, present, a.alpha, a.beta)
         logs = {"dm_loss": float(dm_loss.detach()), "cvar": float(risk.detach().sum()),
                 "worst_cluster_loss": float(losses.detach().masked_fill(~present, float("-inf")).max()),
                 "empty_cells": int((~present).sum())}

@@ -1,10 +1,9 @@
 """Robust DD evaluation and data: worst-cluster / worst-group accuracy evaluators and the subpop-mnist builders."""
-from pathlib import Path
-
 import torch
 
 from fastdd.cluster import batched_kmeans
-from fastdd.data import ImageDataset, load_dataset
+from fastdd.data import ImageDataset
+from fastdd.data.mnist_pool import mnist_pool
 from fastdd.data.subpop import group_ids, make_subpop_shift
 from fastdd.distill.datasets import register_dataset
 
@@ -92,21 +91,6 @@ def worst_group_metric(group_names: list[str]):
         return out
     metric.kind, metric.names = "worst_group", names
     return metric
-
-
-def mnist_pool(data_dir) -> ImageDataset:
-    """MNIST from --data-dir: the train and t10k files combined when both are there, else the one present."""
-    root = Path(data_dir) if data_dir else None
-    splits = [s for s, f in (("train", "train-images-idx3-ubyte.gz"), ("test", "t10k-images-idx3-ubyte.gz"))
-              if root is None or (root / f).exists()]
-    if not splits:
-        raise FileNotFoundError(f"no MNIST files (train-*/t10k-*-idx?-ubyte.gz) under --data-dir {data_dir}")
-    parts = [load_dataset("mnist", split=s, root=data_dir) for s in splits]
-    if len(parts) == 1:
-        return parts[0]
-    return ImageDataset(images=torch.cat([p.images for p in parts]), labels=torch.cat([p.labels for p in parts]),
-                        num_classes=10, mean=parts[0].mean, std=parts[0].std, name="mnist",
-                        class_names=parts[0].class_names)
 
 
 def subpop_data(pool: ImageDataset, transform: str = "rotate", seed: int = SUBPOP_SPLIT_SEED, **kw):

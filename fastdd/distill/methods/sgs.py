@@ -16,16 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from fastdd.data.domains import DomainClassSampler, domain_index, source_domains
-from fastdd.ops import mean_match
 from fastdd.distill.methods import sgs_data  # noqa: F401  (registers rotated-mnist, colored-mnist, domain-folder)
 from fastdd.distill.methods.base import Method, MethodOutput
 from fastdd.distill.methods.dm import DMBatch, dm_batch
-from fastdd.ops import segment_mean
-
-try:
-    from fastdd.ops import spectral_surgery
-except ImportError:  # FALLBACK only while the fused op is absent: the pure-torch reference (per-domain FFTs)
-    from fastdd.reference.spectral_surgery import spectral_surgery
+from fastdd.ops import spectral_surgery
 
 SAMPLINGS = ("balanced", "pooled")
 BACKWARDS = ("vmap", "func", "loop")
@@ -45,31 +39,13 @@ class SGSArgs:
     backward: str = "vmap"      # vmap: autograd is_grads_batched; func: torch.func vjp+vmap; loop: K passes
 
 
-def dm_loss(engine, batch: DMBatch) -> torch.Tensor:
-    real_seg = batch.real_seg.to(batch.real_features.device)  # samplers draw on the CPU
-    return mean_match(batch.real_features, real_seg, batch.syn_features, batch.syn_seg, engine.num_classes).sum()
-
-
-def match_with_diff(real, real_seg, syn, syn_seg, num_segments, real_to_syn):
-    """(loss [S], diff = μ_real − μ_syn∘real_to_syn [S, F]) from ONE fastdd::mean_match call."""
-    if hasattr(torch.ops.fastdd, "mean_match"):
-        return torch.ops.fastdd.mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
-    # FALLBACK while the fused op is absent: the same quantities from segment_mean
-    mu_r = segment_mean(real.float(), real_seg, num_segments)
-    mu_s = segment_mean(syn.float(), syn_seg, num_segments)[real_to_syn]
-    valid = (torch.bincount(real_seg, minlength=num_segments) > 0) & (
-        torch.bincount(syn_seg, minlength=num_segments)[real_to_syn] > 0)
-    diff = torch.where(valid[:, None], mu_r - mu_s, 0.0)
-    return diff.square().sum(1), diff
-
-
 def domain_cotangents(real_features, real_cls, real_dom, syn_features, syn_seg, num_classes, num_domains):
     """Per-(class, domain) losses [C, D] and dL_d/d syn_features [D, N, F] in closed form:
     row i of class c gets −2·(μ_real(c, d) − μ_syn(c)) / n_syn(c)."""
     C, D = num_classes, num_domains
     seg = real_cls.to(real_features.device) * D + real_dom.to(real_features.device)
     real_to_syn = torch.arange(C * D, device=seg.device) // D
-    loss, diff = match_with_diff(real_features, seg, syn_features.detach(), syn_seg, C * D, real_to_syn)
+    loss, diff = torch.ops.fastdd.mean_match(real_features, seg, syn_features.detach(), syn_seg, C * D, real_to_syn)
     n_syn = torch.bincount(syn_seg, minlength=C).clamp_min(1).to(diff.dtype)
     cot = diff.view(C, D, -1)[syn_seg] * (-2.0 / n_syn[syn_seg])[:, None, None]
     return loss.view(C, D), cot.transpose(0, 1)
@@ -109,7 +85,7 @@ class SGS(Method):
         if a.base == "sgs":
             raise ValueError("sgs: base must be a DM-based method other than sgs")
         self.base = build_method(a.base, a.base_args or None)
-        self.base_loss = dm_loss if a.base == "dm" else getattr(self.base, "loss_from_batch", None)
+        self.base_loss = getattr(self.base, "loss_from_batch", None)
         if self.base_loss is None:
             raise ValueError(f"sgs: base method {a.base!r} exposes no loss_from_batch(engine, batch); SGS wraps "
                              f"dm or a method that does")
@@ -164,7 +140,7 @@ class SGS(Method):
         real = engine.augment(engine.real_images(index), cls, draw)
         seg = engine.syn.seg
         feats, vjp = torch.func.vjp(lambda s: engine.embed(net, engine.augment(s, seg, draw)), images.detach())
-        batch = DMBatch(engine.embed_real(net, real), cls, index, feats.detach().requires_grad_(True), seg, net)
+        batch = DMBatch(engine.embed_real(net, real), cls, index, feats.detach().requires_grad_(True), seg)
         return batch, lambda cot: torch.func.vmap(vjp)(cot)[0]
 
     def domain_of(self, engine, real_index):

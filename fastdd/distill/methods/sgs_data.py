@@ -1,10 +1,7 @@
 """Leave-one-domain-out run data for SGS: rotated-mnist, colored-mnist, domain-folder builders and OOD/ID metrics."""
-from pathlib import Path
-
-import torch
-
-from fastdd.data import ImageDataset, domain_folder, load_dataset
+from fastdd.data import ImageDataset, domain_folder
 from fastdd.data.domains import colored_mnist, domain_index, rotated_mnist, source_domains, split_per_domain
+from fastdd.data.mnist_pool import mnist_pool
 from fastdd.distill.datasets import register_dataset
 
 TEST_FRACTION = 0.3  # per (class, domain): 30% of every domain is test data (ID for sources, OOD for the holdout)
@@ -46,32 +43,16 @@ def _holdout(config, default):
     return default if value is None else value
 
 
-def _mnist_source(config) -> ImageDataset:
-    """MNIST from --data-dir: train + t10k combined when both are there (DomainBed uses all 70k), else t10k."""
-    root = Path(config.data_dir) if config.data_dir else None
-    has_train = root is None or (root / "train-images-idx3-ubyte.gz").exists()
-    has_test = root is None or (root / "t10k-images-idx3-ubyte.gz").exists()
-    parts = [load_dataset("mnist", split=s, root=config.data_dir) for s, ok in (("train", has_train),
-                                                                                  ("test", has_test)) if ok]
-    if not parts:
-        raise FileNotFoundError(f"no MNIST files (train-*/t10k-*-idx?-ubyte.gz) under --data-dir {config.data_dir}")
-    if len(parts) == 1:
-        return parts[0]
-    return ImageDataset(images=torch.cat([p.images for p in parts]), labels=torch.cat([p.labels for p in parts]),
-                        num_classes=10, mean=parts[0].mean, std=parts[0].std, name="mnist",
-                        class_names=parts[0].class_names)
-
-
 @register_dataset("rotated-mnist")
 def build_rotated_mnist(config):
     """Rotated-MNIST (0..75°, DomainBed); holdout_domain from the method keys, default 75."""
-    return domain_generalization_data(rotated_mnist(_mnist_source(config)), _holdout(config, 75))
+    return domain_generalization_data(rotated_mnist(mnist_pool(config.data_dir)), _holdout(config, 75))
 
 
 @register_dataset("colored-mnist")
 def build_colored_mnist(config):
     """Colored-MNIST (+90%, +80%, -90%, DomainBed); holdout_domain default -90%."""
-    return domain_generalization_data(colored_mnist(_mnist_source(config)), _holdout(config, "-90%"))
+    return domain_generalization_data(colored_mnist(mnist_pool(config.data_dir)), _holdout(config, "-90%"))
 
 
 @register_dataset("domain-folder")
