@@ -1,118 +1,186 @@
-"""DM iteration: fastdd's batched engine vs the per-class reference-style loop, same data; s/iter and peak memory."""
+"""DM iteration: fastdd's default engine vs main_DM.py's per-class loop on the reference's modules, timed interleaved."""
 import argparse
-import json
 import os
-import resource
-import subprocess
+import statistics
 import sys
+import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Results  # noqa: E402
+from harness import Results, sgemm_peak_flops  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.environ.get("FASTDD_SHARED", os.path.join(os.path.dirname(REPO), "shared"))
-CASES = {  # name: (channels, size, ipc, batch_real, source)
-    "mnist": (1, 28, 10, 256, "shared MNIST t10k"),
-    "cifar": (3, 32, 50, 256, "random uint8 stand-in (CIFAR-10 not available offline)"),
+CASES = {  # name: (dataset, channels, size, ipc)
+    "mnist-ipc10": ("mnist", 1, 28, 10),
+    "cifar10-ipc10": ("cifar10", 3, 32, 10),
+    "cifar10-ipc50": ("cifar10", 3, 32, 50),
 }
+SMOKE_CASE = {"smoke": ("random", 3, 16, 2)}
+BATCH_REAL, SMOKE_BATCH_REAL = 256, 4
 
 
-def _dataset(case: str):
+def load_case_data(dataset: str, channels: int, size: int):
+    """The MNIST test split from the shared cache when present, else random uint8 images of the same shape."""
     from fastdd.data import from_tensors, load_dataset
-    channels, size, _, _, _ = CASES[case]
-    if case == "mnist":
-        return load_dataset("mnist", split="test", root=os.path.join(SHARED, "data", "mnist-t10k"))
+    mnist_root = os.path.join(SHARED, "data", "mnist-t10k")
+    if dataset == "mnist" and os.path.isdir(mnist_root):
+        return load_dataset("mnist", split="test", root=mnist_root), "MNIST t10k (shared cache)"
+    per_class = 500 if dataset != "random" else 12
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (5000, channels, size, size), generator=g, dtype=torch.uint8)
-    return from_tensors(images, torch.arange(10).repeat(500), name="cifar-shape")
+    images = torch.randint(0, 256, (10 * per_class, channels, size, size), generator=g, dtype=torch.uint8)
+    source = ("random uint8 images (smoke)" if dataset == "random"
+              else f"random uint8 stand-in for {dataset} (not available offline)")
+    return from_tensors(images, torch.arange(10).repeat(per_class), name=f"{dataset}-shape"), source
 
 
-def _reference_iteration(train, syn, opt, ipc, batch_real, model, gen, device):
-    from fastdd.augment import SiameseAugment
-    from fastdd.augment.reference_ops import apply_group
+class ReferenceLoop:
+    """main_DM.py as it runs: the whole training set normalised on the device, a fresh ConvNet of nn modules
+    (GroupNorm(C, C), ReLU, AvgPool2d) per iteration, per-class sampling, DSA and forward passes, one SGD step,
+    loss.item()."""
+
+    def __init__(self, train, syn_init: torch.Tensor, ipc: int, batch_real: int, device, seed: int = 0):
+        from fastdd.augment import SiameseAugment
+        self.train, self.ipc, self.batch_real, self.device = train, ipc, batch_real, device
+        self.images_all = train.normalize(train.images, device=device).contiguous()
+        self.indices_class = [torch.nonzero(train.labels == c).flatten() for c in range(train.num_classes)]
+        self.image_syn = syn_init.detach().clone().contiguous().requires_grad_(True)
+        self.optimizer = torch.optim.SGD([self.image_syn], lr=10.0 if ipc >= 100 else 1.0, momentum=0.5)
+        self.augment = SiameseAugment()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def step(self) -> float:
+        from fastdd.models import get_model
+        from fastdd.reference.dm_loop import reference_dm_loss
+        train = self.train
+        net = get_model("ConvNet", train.channels, train.num_classes, train.image_size, fused=False).to(self.device)
+        net.train()
+        for p in net.parameters():
+            p.requires_grad_(False)
+        real_by_class = [self.images_all[idx[torch.randperm(len(idx), generator=self.generator)[:self.batch_real]]]
+                         for idx in self.indices_class]
+        draw = self.augment.draw(train.num_classes, train.image_size, generator=self.generator)
+        loss = reference_dm_loss(net, real_by_class, self.image_syn, self.ipc, draw)
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+
+def conv_flops_per_image(channels: int, num_classes: int, image_size) -> int:
+    """Multiply-adds ×2 of ConvNet's convolutions for one image (norm, activation, pooling are memory-bound)."""
     from fastdd.models import get_model
-    net = get_model(model, train.channels, train.num_classes, train.image_size).to(device)
-    for p in net.parameters():
-        p.requires_grad_(False)
-    augment = SiameseAugment()
-    loss = torch.tensor(0.0, device=device)
-    for c in range(train.num_classes):
-        idx = torch.nonzero(train.labels == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=gen)[:batch_real]]
-        img_real = train.normalize(train.images[idx], device=device)
-        img_syn = syn[c * ipc:(c + 1) * ipc]
-        draw = augment.draw(1, train.image_size, generator=gen, device=device)
-        output_real = net.embed(apply_group(img_real, draw, 0)).detach()
-        output_syn = net.embed(apply_group(img_syn, draw, 0))
-        loss = loss + torch.sum((output_real.mean(0) - output_syn.mean(0)) ** 2)
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
+    net = get_model("ConvNet", channels, num_classes, image_size)
+    flops = []
+
+    def count(module, inputs, output):
+        flops.append(2 * module.in_channels * module.out_channels * 9 * output.shape[2] * output.shape[3])
+    hooks = [m.register_forward_hook(count) for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    with torch.no_grad():
+        net.embed(torch.zeros(1, channels, *image_size))
+    for h in hooks:
+        h.remove()
+    return sum(flops)
 
 
-def worker(provider: str, case: str, iterations: int, channels_last: bool, micro_batch: int) -> dict:
-    from fastdd.distill import Distiller, build_config
-    channels, size, ipc, batch_real, _ = CASES[case]
-    train = _dataset(case)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    cfg = build_config(overrides=[f"ipc={ipc}", f"batch_real={batch_real}", "progress=false", f"device={device}",
-                                  f"channels_last={str(channels_last).lower()}", f"micro_batch={micro_batch}"])
-    engine = Distiller(cfg, train)
-    gen = torch.Generator().manual_seed(0)
+def step_flops(channels: int, size: int, ipc: int, batch_real: int, num_classes: int = 10) -> int:
+    """Real images: one forward. Synthetic images: forward plus the input-gradient backward (same FLOPs);
+    the network's weights are frozen, so no weight gradients."""
+    per_image = conv_flops_per_image(channels, num_classes, (size, size))
+    return per_image * num_classes * (batch_real + 2 * ipc)
 
-    def step(i):
-        if provider == "fastdd":
-            engine.method.iteration(engine, i)
-        else:
-            _reference_iteration(train, engine.syn.images, engine.optimizer, ipc, batch_real, cfg.model, gen, device)
-        if device == "cuda":
-            torch.cuda.synchronize()
 
-    step(0)
-    if device == "cuda":
+def _timed(step, device) -> tuple[float, float]:
+    """Seconds of one step and its peak memory above what was allocated when it started (MiB; CUDA only)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(iterations):
-        t0 = time.perf_counter()
-        step(i + 1)
-        times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 if device == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    return {"seconds_per_iteration": sorted(times)[len(times) // 2], "all_seconds": times, "peak_memory_mb": peak}
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+    return seconds, extra
+
+
+def run_case(res: Results, name: str, spec, device: str, iterations: int, warmup: int, batch_real: int,
+             peak_flops: float) -> None:
+    from fastdd.distill import Distiller, build_config
+    dataset, channels, size, ipc = spec
+    train, source = load_case_data(dataset, channels, size)
+    cfg = build_config(overrides=[f"ipc={ipc}", f"batch_real={batch_real}", "progress=false", f"device={device}"])
+    engine = Distiller(cfg, train)
+    engine.method.prepare(engine)
+    reference = ReferenceLoop(train, engine.syn.images, ipc, batch_real, device)
+    counter = iter(range(10**9))
+    steps = {"reference loop": reference.step, "fastdd": lambda: engine.method.iteration(engine, next(counter))}
+    for _ in range(warmup):
+        for step in steps.values():
+            _timed(step, device)
+    load_before = os.getloadavg()
+    samples = {provider: [] for provider in steps}
+    memory = {provider: [] for provider in steps}
+    for _ in range(iterations):  # A B A B: machine noise falls on both
+        for provider, step in steps.items():
+            seconds, extra = _timed(step, device)
+            samples[provider].append(seconds)
+            memory[provider].append(extra)
+    load_after = os.getloadavg()
+    flops = step_flops(channels, size, ipc, batch_real)
+    reference_median = statistics.median(samples["reference loop"])
+    for provider, times in samples.items():
+        median = statistics.median(times)
+        res.add(case=name, data=source, shape=f"{channels}x{size}x{size}", ipc=ipc, batch_real=batch_real,
+                classes=10, provider=provider,
+                what=("fastdd Distiller, default config (method=dm, ConvNet, micro_batch and fused kernels as "
+                      "shipped)" if provider == "fastdd" else
+                      "per-class loop, nn.GroupNorm/ReLU/AvgPool2d, per-class reference DSA ops, data on device"),
+                config=None if provider != "fastdd" else {k: v for k, v in vars(cfg).items()
+                                                          if isinstance(v, (int, float, str, bool, type(None)))},
+                iterations=iterations, warmup=warmup, median_s=median, min_s=min(times), max_s=max(times),
+                all_seconds=times, step_peak_extra_mb=max(memory[provider]) if memory[provider][0] is not None else None,
+                load_avg_1min_before=load_before[0], load_avg_1min_after=load_after[0],
+                conv_flops_per_iteration=flops, sgemm_peak_gflops=peak_flops / 1e9,
+                flop_floor_s=flops / peak_flops, flop_floor_fraction=flops / peak_flops / median,
+                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32 if device.startswith("cuda") else None,
+                speedup_vs_reference=reference_median / median)
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", default="benchmarks/results/dm_iteration.json")
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--cases", default="mnist,cifar")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--micro-batch", type=int, default=256)
-    p.add_argument("--worker", nargs=2, metavar=("PROVIDER", "CASE"), help=argparse.SUPPRESS)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/dm_iteration.json; "
+                                               "--smoke: a temp file)")
+    p.add_argument("--iterations", type=int, default=20, help="timed iterations per provider (>= 20 for results)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations: checks the script runs")
     args = p.parse_args()
-    if args.worker:
-        print(json.dumps(worker(*args.worker, args.iterations, args.channels_last, args.micro_batch)))
-        return
-    res = Results("dm_iteration", "cuda" if torch.cuda.is_available() else "cpu")
-    for case in args.cases.split(","):
-        measured = {}
-        for provider in ("reference loop", "fastdd"):
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", provider, case,
-                   "--iterations", str(args.iterations), "--micro-batch", str(args.micro_batch)]
-            cmd += ["--channels-last"] if args.channels_last and provider == "fastdd" else []
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            measured[provider] = json.loads(out.stdout.strip().splitlines()[-1])
-        channels, size, ipc, batch_real, source = CASES[case]
-        for provider, m in measured.items():
-            res.add(case=case, shape=f"{channels}x{size}x{size}", ipc=ipc, batch_real=batch_real, classes=10,
-                    data=source, provider=provider, model="ConvNet", channels_last=args.channels_last and provider == "fastdd",
-                    micro_batch=args.micro_batch, load_avg_1min=os.getloadavg()[0], **m,
-                    speedup_vs_reference=measured["reference loop"]["seconds_per_iteration"] / m["seconds_per_iteration"],
-                    memory_ratio_vs_reference=m["peak_memory_mb"] / measured["reference loop"]["peak_memory_mb"])
-    res.write(args.out)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.smoke:
+        cases, batch_real, iterations, warmup = SMOKE_CASE, SMOKE_BATCH_REAL, 2, 1
+        out = args.out or os.path.join(tempfile.gettempdir(), "fastdd_dm_iteration_smoke.json")
+    else:
+        unknown = [c for c in args.cases.split(",") if c not in CASES]
+        if unknown:
+            raise ValueError(f"--cases: unknown case(s) {unknown}; valid: {', '.join(CASES)}")
+        if args.iterations < 1 or args.warmup < 0:
+            raise ValueError("--iterations must be >= 1 and --warmup >= 0")
+        cases = {c: CASES[c] for c in args.cases.split(",")}
+        batch_real, iterations, warmup = BATCH_REAL, args.iterations, args.warmup
+        out = args.out or os.path.join(REPO, "benchmarks", "results", "dm_iteration.json")
+    res = Results("dm_iteration", args.device)
+    peak = sgemm_peak_flops(args.device, n=256 if args.smoke else None)
+    for name, spec in cases.items():
+        run_case(res, name, spec, args.device, iterations, warmup, batch_real, peak)
+    res.write(out)
 
 
 if __name__ == "__main__":
