@@ -1,11 +1,15 @@
 """The `fastdd` command line: distill, evaluate, export, info."""
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import sys
+import textwrap
 
 import torch
+
+from fastdd.data.download import DownloadError
 
 
 def _distill(args) -> int:
@@ -22,23 +26,46 @@ def _distill(args) -> int:
         base = load_yaml(args.config) if args.config else {}
         flags = {k: v for k, v in dict(method=args.method, dataset=args.dataset, ipc=args.ipc,
                                        iterations=args.iterations, seed=args.seed, device=args.device,
-                                       data_dir=args.data_dir).items() if v is not None}
+                                       data_dir=args.data_dir, preset=args.preset).items() if v is not None}
         config = build_config({**base, **flags}, args.overrides)
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         out = args.out or os.path.join("runs", f"{config.method}-{config.dataset}-ipc{config.ipc}-{stamp}")
+    check_device(config.device)
     train, test, evaluators = load_run_data(config)
     distiller = Distiller(config, train, test, out_dir=out, evaluators=evaluators)
     if args.resume:
         distiller.load_state_dict(state)
     os.makedirs(out, exist_ok=True)
     print(f"fastdd: {config.method} on {train.name} (IPC {config.ipc}, {config.iterations} iterations, "
-          f"device {distiller.device}) -> {out}", flush=True)
-    metrics = distiller.run()
+          f"preset {config.preset}, device {distiller.device}) -> {out}", flush=True)
+    logger = None
+    if config.log == "tensorboard":
+        from fastdd.distill.logging import TensorBoardLogger
+        logger = TensorBoardLogger(os.path.join(out, "tb"))
+    try:
+        metrics = distiller.run(callback=logger)
+    finally:
+        if logger is not None:
+            logger.close(distiller)
     _print_evaluations(metrics.get("evaluations", [])[-1:])
     print(f"fastdd: {metrics['seconds_per_iteration']:.3f} s/iteration, peak memory "
           f"{metrics['peak_memory_mb']:.0f} MB")
     print(f"fastdd: artifacts in {os.path.abspath(out)} (synthetic.pt, metrics.json, grid.png, loss.png)")
     return 0
+
+
+def check_device(name: str) -> None:
+    """A ValueError (one clear CLI line) for a device this machine does not have."""
+    if name == "auto":
+        return
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"config key 'device' is {name!r} but CUDA is not available on this machine "
+                             f"(torch {torch.__version__}); use --device cpu or --device auto")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"config key 'device' is {name!r} but this machine has "
+                             f"{torch.cuda.device_count()} CUDA device(s)")
 
 
 def _print_evaluations(evaluations) -> None:
@@ -65,6 +92,7 @@ def _evaluate(args) -> int:
     saved, run_dir = _load_synthetic(args.run)
     overrides = {"data_dir": args.data_dir} if args.data_dir else {}
     config = build_config(saved["config"], overrides)
+    check_device(config.device)
     _, test, evaluators = load_run_data(config)
     images, labels = saved["images"], saved["labels"]
     if "decoded_images" in saved:
@@ -99,10 +127,53 @@ def _info(args) -> int:
     return 0
 
 
+def method_keys(name: str) -> list[tuple[str, object]]:
+    """(key, default) of a method's config keys; dasm lists its own keys, then its default base's."""
+    from fastdd.distill.methods import METHODS
+    cls = METHODS[name]
+    args_cls = cls.Args or getattr(sys.modules[cls.__module__], f"{cls.__name__}Args", None)
+    if args_cls is None:
+        return []
+    keys = [(f.name, _field_default(f)) for f in dataclasses.fields(args_cls)]
+    base = dict(keys).get("base")
+    if name == "dasm" and base in METHODS and base != name:
+        keys += [(key, value) for key, value in method_keys(base) if key not in dict(keys)]
+    return keys
+
+
+def _field_default(f):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def distill_epilog() -> str:
+    from fastdd.distill.config import DistillConfig, FIELDS
+    from fastdd.distill.datasets import dataset_names
+    from fastdd.distill.methods import METHODS
+    from fastdd.distill.presets import PRESETS
+    defaults = DistillConfig()
+    lines = [f"methods: {', '.join(sorted(METHODS))}",
+             textwrap.fill(f"datasets: {', '.join(dataset_names())}", 100, subsequent_indent="    "),
+             f"presets: {', '.join(PRESETS)} (reference: the paper's settings; see fastdd/distill/presets.py)", "",
+             "config keys (key=value; defaults before the preset):",
+             textwrap.fill(", ".join(f"{k}={getattr(defaults, k)!r}" for k in FIELDS if k != "method_args"),
+                           100, initial_indent="  ", subsequent_indent="  "), "",
+             "method keys (key=value, with defaults):"]
+    for name in sorted(METHODS):
+        keys = method_keys(name)
+        text = ", ".join(f"{k}={v!r}" for k, v in keys) if keys else "(none)"
+        if name == "dasm":
+            text += " (after segment_eval: the default base's keys)"
+        lines.append(textwrap.fill(f"{name}: {text}", 100, subsequent_indent="    "))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastdd", description="Fast dataset distillation.")
     sub = p.add_subparsers(dest="command")
-    d = sub.add_parser("distill", help="distill a synthetic set (default: digits, IPC 10, DM)")
+    d = sub.add_parser("distill", help="distill a synthetic set (default: digits, IPC 10, DM)",
+                       epilog=distill_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--config", help="YAML file of config keys")
     d.add_argument("--method")
     d.add_argument("--dataset")
@@ -110,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--ipc", type=int)
     d.add_argument("--iterations", type=int)
     d.add_argument("--seed", type=int)
-    d.add_argument("--device")
+    d.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
+    d.add_argument("--preset", help="default (quick settings) or reference (the paper's settings for the "
+                                    "method and dataset); fills only keys you did not set")
     d.add_argument("--out", help="run directory (default runs/<method>-<dataset>-ipc<N>-<time>)")
     d.add_argument("--resume", help="run directory to continue from its checkpoint")
     d.add_argument("overrides", nargs="*", help="key=value config overrides (method keys too)")
@@ -139,7 +212,7 @@ def main(argv=None) -> int:
         args = parser.parse_args(["distill", *(argv or [])]) if argv else parser.parse_args(["distill"])
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError) as err:
+    except (ValueError, FileNotFoundError, TypeError, DownloadError) as err:
         print(f"fastdd: error: {err}", file=sys.stderr)
         return 2
 

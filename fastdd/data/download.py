@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import tempfile
-import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Optional
@@ -12,6 +12,11 @@ from typing import Optional
 from tqdm.auto import tqdm
 
 CHUNK_BYTES = 1 << 20
+
+
+class DownloadError(RuntimeError):
+    """A dataset file could not be fetched or failed its checksum; the message says what to do."""
+
 TEMP_SUFFIX = ".part"
 
 
@@ -29,9 +34,9 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _checksum_error(path: Path, expected: str, actual: str, removed: bool) -> RuntimeError:
+def _checksum_error(path: Path, expected: str, actual: str, removed: bool) -> DownloadError:
     action = "removed it; run again to download a fresh copy" if removed else "delete or replace it"
-    return RuntimeError(f"checksum mismatch for {path}: expected md5 {expected}, got {actual} ({action})")
+    return DownloadError(f"checksum mismatch for {path}: expected md5 {expected}, got {actual} ({action})")
 
 
 def verify_existing(path: Path, md5: Optional[str], remove_if_bad: bool) -> None:
@@ -63,11 +68,13 @@ def download_file(url: str, destination: Path, md5: Optional[str], progress: boo
                     bar.update(len(chunk))
         actual = digest.hexdigest()
         if md5 is not None and actual != md5:
-            raise RuntimeError(f"checksum mismatch for {destination.name} downloaded from {url}: "
+            raise DownloadError(f"checksum mismatch for {destination.name} downloaded from {url}: "
                                f"expected md5 {md5}, got {actual} (the download was discarded)")
         os.replace(temp_path, destination)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
-        raise RuntimeError(f"could not download {url}: {error}. Fetch the file by other means and put it at "
+    except (OSError, http.client.HTTPException) as error:  # URLError, timeouts, resets, truncated bodies
+        if isinstance(error, DownloadError):
+            raise
+        raise DownloadError(f"could not download {url}: {error}. Fetch the file by other means and put it at "
                            f"{destination} (or pass that folder as root / --data-dir)") from error
     finally:
         temp_path.unlink(missing_ok=True)

@@ -1,6 +1,7 @@
 """Built-in datasets (digits, MNIST family, CIFAR-10/100, SVHN): sources, checksums, stats and load_dataset."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -147,12 +148,19 @@ def _source_paths(source: DatasetSource, split: str, folder: Path, download: boo
             for filename in source.files[split]]
 
 
+def _mirror_url(name: str) -> Optional[str]:
+    """$FASTDD_MIRROR/<name>/ when a mirror (e.g. an offline cluster's file server) is configured."""
+    mirror = os.environ.get("FASTDD_MIRROR")
+    return f"{mirror.rstrip('/')}/{name}/" if mirror else None
+
+
 def load_dataset(name: str, split: str = "train", root=None, download: bool = True, base_url: Optional[str] = None,
                  progress: bool = True, *, checksums: Optional[dict[str, Optional[str]]] = None) -> ImageDataset:
     """Load a built-in dataset split as uint8 images.
 
     root: a folder holding the original files under their published names (the CLI's --data-dir); default
-    default_cache_dir()/<name>. base_url replaces the download prefix. checksums maps file name -> md5 and
+    default_cache_dir()/<name>. base_url replaces the download prefix (default $FASTDD_MIRROR/<name>/ if set,
+    else the publisher's). checksums maps file name -> md5 and
     overrides the official table (None skips verification of that file), e.g. for re-packed or test files.
     """
     key = name.lower()
@@ -165,8 +173,8 @@ def load_dataset(name: str, split: str = "train", root=None, download: bool = Tr
     source = SOURCES[key]
     folder = Path(root).expanduser() if root is not None else default_cache_dir() / key
     md5s: dict[str, Optional[str]] = {**source.md5, **(checksums or {})}
-    paths = _source_paths(source, split, folder, download, base_url or source.base_url, progress, md5s,
-                          in_cache=root is None)
+    url = base_url or _mirror_url(key) or source.base_url
+    paths = _source_paths(source, split, folder, download, url, progress, md5s, in_cache=root is None)
     images, labels = source.reader(paths, split)
     return ImageDataset(images=torch.from_numpy(np.array(images, dtype=np.uint8, copy=True)),
                         labels=torch.from_numpy(np.array(labels, dtype=np.int64, copy=True)),

@@ -1,11 +1,12 @@
-"""Run-directory artifacts: atomic file writes, synthetic.pt, grid.png, loss.png, metrics.json."""
+"""Run-directory artifacts: atomic file writes, synthetic.pt, grid.png, loss.png (matplotlib), metrics.json."""
 import json
 import math
 import os
 import tempfile
 
 import torch
-from PIL import Image, ImageDraw
+import numpy as np
+from PIL import Image
 
 import fastdd
 
@@ -72,22 +73,76 @@ def save_grid(path: str, images, labels, mean, std, max_per_class: int = 20) -> 
     atomic_write(path, lambda f: image.save(f, format="PNG"))
 
 
-def save_loss_plot(path: str, losses: list[float], width: int = 640, height: int = 360) -> None:
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    pad = 40
-    draw.rectangle([pad, pad // 2, width - pad // 2, height - pad], outline="black")
-    values = [math.log10(v) for v in losses if v > 0 and math.isfinite(v)]
-    if len(values) >= 2:
-        lo, hi = min(values), max(values)
-        span = (hi - lo) or 1.0
-        pts = [(pad + i * (width - 1.5 * pad) / (len(values) - 1),
-                height - pad - (v - lo) / span * (height - 1.5 * pad)) for i, v in enumerate(values)]
-        draw.line(pts, fill=(31, 119, 180), width=2)
-        draw.text((pad + 4, pad // 2 + 4), f"loss (log10) max {10 ** hi:.4g}", fill="black")
-        draw.text((pad + 4, height - pad - 14), f"min {10 ** lo:.4g}", fill="black")
-    draw.text((width // 2 - 30, height - pad + 10), f"iteration (0..{len(losses)})", fill="black")
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+def ema(values, alpha: float | None = None) -> np.ndarray:
+    """Exponential moving average of the finite values (NaN/inf entries hold the previous average).
+    alpha defaults to 2 / (span + 1) with span = max(1, n // 20)."""
+    values = np.asarray(values, dtype=np.float64)
+    if alpha is None:
+        alpha = 2.0 / (max(1, len(values) // 20) + 1)
+    out = np.empty_like(values)
+    average = math.nan
+    for i, value in enumerate(values):
+        if math.isfinite(value):
+            average = value if math.isnan(average) else alpha * value + (1 - alpha) * average
+        out[i] = average
+    return out
+
+
+def _accuracy_series(evaluations) -> dict:
+    """{model: (iterations, means, stds)} from evaluation entries."""
+    series: dict = {}
+    for entry in evaluations or ():
+        for model, result in entry.items():
+            if isinstance(result, dict) and "mean" in result:
+                its, means, stds = series.setdefault(model, ([], [], []))
+                its.append(entry.get("iteration", 0))
+                means.append(100 * float(result["mean"]))
+                stds.append(100 * float(result.get("std", 0.0)))
+    return series
+
+
+def save_curves(path: str, history: dict) -> dict:
+    """loss.png: raw loss (light) with its EMA over it (log-y when positive across decades) and, in a second
+    panel, evaluation accuracy with markers at the evaluated iterations. Returns the plotted series."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg on this figure only: no global backend
+    from matplotlib.figure import Figure
+
+    losses = np.asarray(history.get("loss", []), dtype=np.float64)
+    iterations = np.arange(1, len(losses) + 1)
+    smoothed = ema(losses)
+    accuracy = _accuracy_series(history.get("evaluations"))
+    fig = Figure(figsize=(8, 6 if accuracy else 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2 if accuracy else 1, 1, sharex=True, squeeze=False)[:, 0]
+    loss_ax = axes[0]
+    loss_ax.plot(iterations, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
+    loss_ax.plot(iterations, smoothed, color="tab:blue", linewidth=2, label="loss (EMA)")
+    finite = losses[np.isfinite(losses)]
+    log_y = bool(len(finite)) and finite.min() > 0 and finite.max() / finite.min() >= 10
+    if log_y:
+        loss_ax.set_yscale("log")
+    loss_ax.set_ylabel("loss")
+    loss_ax.set_title("distillation loss")
+    loss_ax.grid(True, alpha=0.3)
+    loss_ax.legend(loc="upper right")
+    if accuracy:
+        acc_ax = axes[1]
+        for model, (its, means, stds) in accuracy.items():
+            acc_ax.errorbar(its, means, yerr=stds, marker="o", capsize=3, label=model)
+        acc_ax.set_ylabel("test accuracy (%)")
+        acc_ax.set_title("evaluation")
+        acc_ax.grid(True, alpha=0.3)
+        acc_ax.legend(loc="lower right")
+    axes[-1].set_xlabel("iteration")
+    atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return {"iterations": iterations, "loss": losses, "loss_ema": smoothed, "log_y": log_y,
+            "accuracy": {m: {"iterations": its, "mean": means, "std": stds}
+                         for m, (its, means, stds) in accuracy.items()}}
+
+
+def save_loss_plot(path: str, losses: list[float]) -> dict:
+    """Loss curve only (kept for callers without evaluations); see save_curves."""
+    return save_curves(path, {"loss": list(losses), "evaluations": []})
 
 
 def peak_memory_mb(device: torch.device) -> float:

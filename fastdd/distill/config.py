@@ -3,7 +3,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
+
+from fastdd.distill.presets import PRESETS, apply_preset
+
+LOGS = ("none", "tensorboard")
 
 
 @dataclass
@@ -30,6 +35,8 @@ class DistillConfig:
     eval_epochs: int = 300
     checkpoint_every: int = 100
     progress: bool = True
+    preset: str = "default"  # default | reference (fastdd.distill.presets); fills only keys the user did not set
+    log: str = "none"  # none | tensorboard (scalar events under <out>/tb)
     method_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -47,6 +54,15 @@ class DistillConfig:
                 raise ValueError(f"config key {name!r} must be a non-negative integer, got {value!r}")
         if self.init not in ("real", "noise"):
             raise ValueError(f"config key 'init' must be one of real, noise; got {self.init!r}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:N; got {self.device!r}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"config key 'preset' must be one of {', '.join(PRESETS)}; got {self.preset!r}")
+        if self.log not in LOGS:
+            raise ValueError(f"config key 'log' must be one of {', '.join(LOGS)}; got {self.log!r}")
         if self.lr_img is not None and not self.lr_img > 0:
             raise ValueError(f"config key 'lr_img' must be > 0, got {self.lr_img!r}")
         if isinstance(self.eval_models, str):
@@ -60,9 +76,8 @@ class DistillConfig:
 
 FIELDS = tuple(f.name for f in dataclasses.fields(DistillConfig))
 
-# Defaults per dataset, applied only to keys the user did not set: `digits` is the embedded main job
-# (about two minutes on a 2-core CPU); the others keep the reference settings above.
-DATASET_PRESETS = {"digits": {"iterations": 100, "batch_real": 64}}
+# The field defaults above are quick settings, NOT the papers' (DM: 20000 iterations, 5 models x 1000 epochs):
+# `preset=reference` (fastdd.distill.presets) sets every key to the paper's value for the method and dataset.
 
 
 def parse_value(text: str) -> Any:
@@ -74,7 +89,8 @@ def parse_value(text: str) -> Any:
 
 
 def build_config(base: dict | None = None, overrides: list[str] | dict | None = None) -> DistillConfig:
-    """Merge a YAML mapping and overrides; keys that are not config fields go to method_args."""
+    """Merge a YAML mapping and overrides (keys that are not config fields go to method_args), then fill the
+    keys neither set from the preset (`preset` key; see fastdd.distill.presets)."""
     merged: dict = {}
     for source in (base or {}), _as_mapping(overrides):
         for key, value in source.items():
@@ -84,8 +100,7 @@ def build_config(base: dict | None = None, overrides: list[str] | dict | None = 
                 merged[key] = value
             else:
                 merged.setdefault("method_args", {})[key] = value
-    for key, value in DATASET_PRESETS.get(merged.get("dataset", DistillConfig.dataset), {}).items():
-        merged.setdefault(key, value)
+    apply_preset(merged)
     return DistillConfig(**merged)
 
 

@@ -25,6 +25,6 @@ def load_run_data(config):
         return DATASET_BUILDERS[name](config)
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(dataset_names())}")
-    train = load_dataset(name, split="train", root=config.data_dir)
-    test = load_dataset(name, split="test", root=config.data_dir)
+    train = load_dataset(name, split="train", root=config.data_dir, progress=config.progress)
+    test = load_dataset(name, split="test", root=config.data_dir, progress=config.progress)
     return train, test, []

@@ -52,15 +52,16 @@ def predict(model: nn.Module, test_set: Any, device: torch.device | str | None =
 def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int,
                 batch_size: int, lr: float, shuffle_generator: torch.Generator,
                 augmentation: Callable | None, augment_generator: torch.Generator | None) -> float:
-    """The reference's schedule: SGD(momentum 0.9, wd 5e-4), lr x0.1 after half the epochs (with a
-    fresh optimiser, as the reference rebuilds it). Generators are CPU ones so a seed gives the same
-    shuffles and augmentation draws on any device. Returns the last epoch's mean training loss."""
+    """The reference's evaluate_synthset schedule: epochs + 1 passes (ep = 0..epochs) of SGD(momentum 0.9,
+    wd 5e-4); after pass ep == epochs // 2 + 1 the optimiser is re-created with lr x 0.1 (momentum reset).
+    Each batch is augmented per sample. Generators are CPU ones so a seed gives the same shuffles and
+    augmentation draws on any device. Returns the last pass's mean training loss."""
+    if epochs < 0:
+        raise ValueError(f"epochs must be >= 0, got {epochs}")
     model.train()
-    for epoch in range(epochs):
-        if epoch == 0:
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
-        elif epoch == epochs // 2:
-            optimizer = torch.optim.SGD(model.parameters(), lr=lr * 0.1, momentum=0.9, weight_decay=5e-4)
+    decay_after = epochs // 2 + 1
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    for epoch in range(epochs + 1):
         order = torch.randperm(len(labels), generator=shuffle_generator).to(images.device)
         loss_sum = torch.zeros((), device=images.device)
         for start in range(0, len(order), batch_size):
@@ -73,7 +74,10 @@ def train_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ep
             loss.backward()
             optimizer.step()
             loss_sum += loss.detach() * len(batch_index)
-    return float(loss_sum) / len(labels) if epochs > 0 else float("nan")
+        if epoch == decay_after:
+            lr *= 0.1
+            optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
+    return float(loss_sum) / len(labels)
 
 
 def train_and_evaluate(images: torch.Tensor, labels: torch.Tensor, test_set: Any, model: str = "ConvNet",

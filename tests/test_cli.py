@@ -1,0 +1,106 @@
+"""The command line: `python -m fastdd`, distill --help listings, presets, and one-line errors (exit code 2)."""
+import dataclasses
+import functools
+import http.server
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastdd.distill.datasets import dataset_names
+from fastdd.distill.methods import METHODS
+from fastdd.distill.methods.gm import GMArgs
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fastdd(*args, env=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fastdd", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastdd: error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+
+
+def test_distill_help_lists_methods_datasets_and_method_keys():
+    result = fastdd("distill", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    assert f"methods: {', '.join(sorted(METHODS))}" in text
+    assert f"datasets: {', '.join(dataset_names())}" in text
+    gm_line = text[text.index("gm: distance="):]
+    for f in dataclasses.fields(GMArgs):
+        assert f"{f.name}={f.default!r}" in gm_line
+    dasm_line = text[text.index("dasm: base='gm'"):text.index("dm: (none)")]
+    assert "segments=None" in dasm_line and "n_data=500" in dasm_line and "inner_loop=100" in dasm_line
+    assert "presets: default, reference" in text and "eval_epochs=300" in text
+
+
+def test_module_and_script_share_main():
+    import fastdd.__main__ as module_main
+    from fastdd import cli
+    assert module_main.main is cli.main
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_one_line():
+    assert_one_line_error(fastdd("distill", "--device", "cuda", "progress=false"), "'device'", "CUDA")
+
+
+def test_unknown_preset_is_one_line():
+    assert_one_line_error(fastdd("distill", "--preset", "paper"), "'preset'", "default, reference")
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    """A loopback HTTP server publishing tmp_path/server as a FASTDD_MIRROR."""
+    folder = tmp_path / "server"
+    (folder / "mnist").mkdir(parents=True)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                             functools.partial(QuietHandler, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield folder, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("served", [None, b"not the real file"])
+def test_failed_download_is_one_line(tmp_path, mirror, served):
+    folder, url = mirror
+    if served is not None:
+        for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+            (folder / "mnist" / name).write_bytes(served)
+    env = {"FASTDD_MIRROR": url, "FASTDD_DATA": str(tmp_path / "cache"), "NO_PROXY": "127.0.0.1",
+           "no_proxy": "127.0.0.1"}
+    result = fastdd("distill", "--dataset", "mnist", "--out", str(tmp_path / "run"), "progress=false", env=env)
+    expected = "checksum mismatch" if served else "could not download"
+    assert_one_line_error(result, expected, f"{url}/mnist/train-images-idx3-ubyte.gz")
+    assert not any((tmp_path / "cache" / "mnist").iterdir())
+
+
+@pytest.mark.slow
+def test_distill_with_preset_flag_and_tensorboard_log(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    result = fastdd("distill", "--preset", "reference", "--iterations", "3", "--out", str(out), "--device", "cpu",
+                    "progress=false", "eval_epochs=1", "eval_num_models=1", "batch_real=8", "log=tensorboard")
+    assert result.returncode == 0, result.stderr
+    saved = torch.load(out / "synthetic.pt", weights_only=False)["config"]
+    assert (saved["preset"], saved["iterations"], saved["eval_every"], saved["batch_real"]) == (
+        "reference", 3, 2000, 8)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
