@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from fastdd.data import from_tensors
+from fastdd.data import from_tensors, load_dataset
+from fastdd.data.mnist_pool import mnist_pool
 from fastdd.data.domains import (DomainClassSampler, colored_mnist, leave_one_domain_out, rotate_images,
                                  rotated_mnist, source_domains, split_per_domain)
 from fastdd.distill import build_config
@@ -143,10 +144,35 @@ def test_rotated_mnist_builder_on_the_shared_t10k(mnist_t10k_dir):
     config = build_config(overrides=["dataset=rotated-mnist", f"data_dir={mnist_t10k_dir}", "method=sgs",
                                      "holdout_domain=45"])
     train, test, evaluators = load_run_data(config)
-    assert len(train) + len(test) < 10000 and set(train.domains.tolist()) == {0, 1, 2, 4, 5}
-    assert set(test.domains.tolist()) == set(range(6)) and len(test) == pytest.approx(3000, abs=30)
+    full = rotated_mnist(load_dataset("mnist", split="test", root=str(mnist_t10k_dir)))
+    n = torch.zeros(6, 10, dtype=torch.long).index_put_((full.domains, full.labels), torch.ones_like(full.labels),
+                                                         accumulate=True)
+    n_test = torch.floor(n * 0.3 + 0.5).long()  # per (domain, class): 30% test, the holdout (45°) out of train
+    assert torch.bincount(test.domains * 10 + test.labels, minlength=60).view(6, 10).tolist() == n_test.tolist()
+    n_train = (n - n_test).index_fill(0, torch.tensor([3]), 0)
+    assert torch.bincount(train.domains * 10 + train.labels, minlength=60).view(6, 10).tolist() == n_train.tolist()
     assert evaluators[0].holdout == 3
     default = load_run_data(build_config(overrides=["dataset=rotated-mnist", f"data_dir={mnist_t10k_dir}"]))[0]
     assert 5 not in default.domains.tolist()  # holdout 75 unless told otherwise
     colored = load_run_data(build_config(overrides=["dataset=colored-mnist", f"data_dir={mnist_t10k_dir}"]))
     assert colored[0].channels == 2 and set(colored[0].domains.tolist()) == {0, 1}
+
+
+def test_mnist_pool_combines_train_and_t10k_when_both_are_there(tmp_path, monkeypatch):
+    from fastdd.data import mnist_pool as pool_module
+    parts = {"train": _digits_like(n=6, classes=10, seed=1), "test": _digits_like(n=4, classes=10, seed=2)}
+    loaded = []
+    monkeypatch.setattr(pool_module, "load_dataset", lambda name, split, root: loaded.append(split) or parts[split])
+    only, both, none = tmp_path / "only", tmp_path / "both", tmp_path / "none"
+    for folder, names in ((only, ["t10k"]), (both, ["t10k", "train"]), (none, [])):
+        folder.mkdir()
+        for name in names:
+            (folder / f"{name}-images-idx3-ubyte.gz").touch()
+    assert mnist_pool(str(only)) is parts["test"] and loaded == ["test"]
+    combined = mnist_pool(str(both))
+    assert loaded == ["test", "train", "test"]
+    assert torch.equal(combined.images, torch.cat([parts["train"].images, parts["test"].images]))
+    assert torch.equal(combined.labels, torch.cat([parts["train"].labels, parts["test"].labels]))
+    assert combined.mean == parts["train"].mean and combined.num_classes == 10
+    with pytest.raises(FileNotFoundError, match="no MNIST files"):
+        mnist_pool(str(none))

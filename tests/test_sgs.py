@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from fastdd.cli import main as cli_main
-from fastdd.data import from_tensors
+from fastdd.data import from_tensors, load_dataset
 from fastdd.data.domains import rotated_mnist
 from fastdd.distill import Distiller, build_config
 from fastdd.ops import mean_match
@@ -141,13 +141,16 @@ def test_end_to_end_cli_writes_ood_and_id_metrics(mnist_t10k_dir, tmp_path):
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     summary = metrics["evaluations"][-1]["ConvNetW32"]
-    for key in ("ood_accuracy_mean", "id_accuracy_mean", "accuracy_domain_75_mean", "accuracy_domain_0_mean"):
-        assert 0.0 <= summary[key] <= 1.0, key
     table = metrics["domain_generalization"]["ConvNetW32"]
-    assert set(table["per_domain"]) == {"0", "15", "30", "45", "60", "75"}
     assert table["ood"]["mean"] == summary["ood_accuracy_mean"] == table["per_domain"]["75"]
+    # ID accuracy is over all source-domain test rows: the row-weighted mean of the per-domain accuracies
+    test = domain_generalization_data(rotated_mnist(load_dataset("mnist", split="test", root=str(mnist_t10k_dir))),
+                                      "75")[1]
+    rows = torch.bincount(test.domains, minlength=6)[:5].double()
+    per_domain = torch.tensor([table["per_domain"][d] for d in ("0", "15", "30", "45", "60")], dtype=torch.float64)
+    assert table["id"]["mean"] == pytest.approx(float((rows * per_domain).sum() / rows.sum()), abs=1e-6)
     assert metrics["sgs"]["source_domains"] == ["0", "15", "30", "45", "60"]
-    assert metrics["sgs"]["holdout_domain"] == "75" and 0 < metrics["sgs"]["agreement_mean"] <= 1
+    assert metrics["sgs"]["holdout_domain"] == "75"
 
 
 def test_bad_input_errors(domains):
