@@ -251,3 +251,33 @@ def test_truncated_gzip_names_file(tmp_path):
     truncated.write_bytes(truncated.read_bytes()[:5000])
     with pytest.raises(RuntimeError, match="t10k-images-idx3-ubyte.gz"):
         load_dataset("mnist", split="test", root=tmp_path, download=False, checksums={MNIST_FILES[0]: None})
+
+
+def test_download_failures_are_download_errors(tmp_path, serve, monkeypatch):
+    from fastdd.data.download import DownloadError
+
+    served = tmp_path / "server"
+    (served / "kmnist").mkdir(parents=True)
+    monkeypatch.setenv("FASTDD_MIRROR", serve(served))
+    monkeypatch.setenv("FASTDD_DATA", str(tmp_path / "cache"))
+    with pytest.raises(DownloadError, match=r"could not download http://127\.0\.0\.1:\d+/kmnist/t10k-images"):
+        load_dataset("kmnist", split="test", progress=False)
+    (served / "kmnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"mirror copy")
+    with pytest.raises(DownloadError, match="checksum mismatch.*5c965bf0a639b31b8f53240b1b52f4d7"):
+        load_dataset("kmnist", split="test", progress=False)
+    assert list((tmp_path / "cache" / "kmnist").iterdir()) == []
+
+
+def test_unreachable_host_is_a_download_error(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    from fastdd.data.download import DownloadError, download_file
+
+    with socket.socket() as probe:  # a loopback port nobody listens on: connection refused at once
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DownloadError, match=f"could not download http://127.0.0.1:{port}/x.gz"):
+        download_file(f"http://127.0.0.1:{port}/x.gz", tmp_path / "x.gz", None, progress=False, timeout_s=5)
+    assert list(tmp_path.iterdir()) == []

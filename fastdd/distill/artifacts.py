@@ -118,7 +118,7 @@ def save_curves(path: str, history: dict) -> dict:
     loss_ax.plot(iterations, losses, color="tab:blue", alpha=0.3, linewidth=1, label="loss")
     loss_ax.plot(iterations, smoothed, color="tab:blue", linewidth=2, label="loss (EMA)")
     finite = losses[np.isfinite(losses)]
-    log_y = bool(len(finite)) and finite.min() > 0 and finite.max() / finite.min() >= 10
+    log_y = bool(len(finite) and finite.min() > 0 and finite.max() / finite.min() >= 10)
     if log_y:
         loss_ax.set_yscale("log")
     loss_ax.set_ylabel("loss")
