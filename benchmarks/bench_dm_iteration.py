@@ -22,18 +22,21 @@ SMOKE_CASE = {"smoke": ("random", 3, 16, 2)}
 BATCH_REAL, SMOKE_BATCH_REAL = 256, 4
 
 
-def load_case_data(dataset: str, channels: int, size: int):
-    """The MNIST test split from the shared cache when present, else random uint8 images of the same shape."""
+def load_case_data(dataset: str, channels: int, size: int, num_classes: int = 10, per_class: int = 500,
+                   make_on=None):
+    """The MNIST test split from the shared cache when present, else random uint8 images of the same shape
+    (generated on `make_on`, e.g. the GPU for large sets, and kept on the host as a dataset is)."""
     from fastdd.data import from_tensors, load_dataset
     mnist_root = os.path.join(SHARED, "data", "mnist-t10k")
     if dataset == "mnist" and os.path.isdir(mnist_root):
         return load_dataset("mnist", split="test", root=mnist_root), "MNIST t10k (shared cache)"
-    per_class = 500 if dataset != "random" else 12
-    g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (10 * per_class, channels, size, size), generator=g, dtype=torch.uint8)
+    g = torch.Generator(device=make_on or "cpu").manual_seed(0)
+    images = torch.randint(0, 256, (num_classes * per_class, channels, size, size), generator=g,
+                           dtype=torch.uint8, device=make_on or "cpu").cpu()
     source = ("random uint8 images (smoke)" if dataset == "random"
               else f"random uint8 stand-in for {dataset} (not available offline)")
-    return from_tensors(images, torch.arange(10).repeat(per_class), name=f"{dataset}-shape"), source
+    labels = torch.arange(num_classes).repeat(per_class)
+    return from_tensors(images, labels, name=f"{dataset}-shape", num_classes=num_classes), source
 
 
 class ReferenceLoop:
@@ -41,9 +44,10 @@ class ReferenceLoop:
     (GroupNorm(C, C), ReLU, AvgPool2d) per iteration, per-class sampling, DSA and forward passes, one SGD step,
     loss.item()."""
 
-    def __init__(self, train, syn_init: torch.Tensor, ipc: int, batch_real: int, device, seed: int = 0):
+    def __init__(self, train, syn_init: torch.Tensor, ipc: int, batch_real: int, device, seed: int = 0,
+                 model: str = "ConvNet"):
         from fastdd.augment import SiameseAugment
-        self.train, self.ipc, self.batch_real, self.device = train, ipc, batch_real, device
+        self.train, self.ipc, self.batch_real, self.device, self.model = train, ipc, batch_real, device, model
         self.images_all = train.normalize(train.images, device=device).contiguous()
         self.indices_class = [torch.nonzero(train.labels == c).flatten() for c in range(train.num_classes)]
         self.image_syn = syn_init.detach().clone().contiguous().requires_grad_(True)
@@ -55,7 +59,7 @@ class ReferenceLoop:
         from fastdd.models import get_model
         from fastdd.reference.dm_loop import reference_dm_loss
         train = self.train
-        net = get_model("ConvNet", train.channels, train.num_classes, train.image_size, fused=False).to(self.device)
+        net = get_model(self.model, train.channels, train.num_classes, train.image_size, fused=False).to(self.device)
         net.train()
         for p in net.parameters():
             p.requires_grad_(False)
@@ -69,10 +73,10 @@ class ReferenceLoop:
         return loss.item()
 
 
-def conv_flops_per_image(channels: int, num_classes: int, image_size) -> int:
-    """Multiply-adds ×2 of ConvNet's convolutions for one image (norm, activation, pooling are memory-bound)."""
+def conv_flops_per_image(channels: int, num_classes: int, image_size, model: str = "ConvNet") -> int:
+    """Multiply-adds ×2 of the ConvNet's convolutions for one image (norm, activation, pooling are memory-bound)."""
     from fastdd.models import get_model
-    net = get_model("ConvNet", channels, num_classes, image_size)
+    net = get_model(model, channels, num_classes, image_size)
     flops = []
 
     def count(module, inputs, output):
@@ -85,10 +89,11 @@ def conv_flops_per_image(channels: int, num_classes: int, image_size) -> int:
     return sum(flops)
 
 
-def step_flops(channels: int, size: int, ipc: int, batch_real: int, num_classes: int = 10) -> int:
+def step_flops(channels: int, size: int, ipc: int, batch_real: int, num_classes: int = 10,
+               model: str = "ConvNet") -> int:
     """Real images: one forward. Synthetic images: forward plus the input-gradient backward (same FLOPs);
     the network's weights are frozen, so no weight gradients."""
-    per_image = conv_flops_per_image(channels, num_classes, (size, size))
+    per_image = conv_flops_per_image(channels, num_classes, (size, size), model)
     return per_image * num_classes * (batch_real + 2 * ipc)
 
 
@@ -108,15 +113,20 @@ def _timed(step, device) -> tuple[float, float]:
     return seconds, extra
 
 
-def run_case(res: Results, name: str, spec, device: str, iterations: int, warmup: int, batch_real: int,
-             peak_flops: float) -> None:
+def measure_case(name: str, spec, device: str, iterations: int, warmup: int, batch_real: int, peak_flops: float,
+                 num_classes: int = 10, model: str = "ConvNet", time_left=None) -> list[dict]:
+    """Rows for fastdd's engine and the reference loop on one shape, timed A B A B; `time_left()` (seconds)
+    stops the timed loop early, never before 2 iterations."""
     from fastdd.distill import Distiller, build_config
     dataset, channels, size, ipc = spec
-    train, source = load_case_data(dataset, channels, size)
-    cfg = build_config(overrides=[f"ipc={ipc}", f"batch_real={batch_real}", "progress=false", f"device={device}"])
+    per_class = 500 if dataset != "random" else 12
+    train, source = load_case_data(dataset, channels, size, num_classes, max(per_class, batch_real + 4),
+                                   make_on=device if torch.device(device).type == "cuda" else None)
+    overrides = [f"ipc={ipc}", f"batch_real={batch_real}", "progress=false", f"device={device}"]
+    cfg = build_config(overrides=overrides + ([f"model={model}"] if model != "ConvNet" else []))
     engine = Distiller(cfg, train)
     engine.method.prepare(engine)
-    reference = ReferenceLoop(train, engine.syn.images, ipc, batch_real, device)
+    reference = ReferenceLoop(train, engine.syn.images, ipc, batch_real, device, model=model)
     counter = iter(range(10**9))
     steps = {"reference loop": reference.step, "fastdd": lambda: engine.method.iteration(engine, next(counter))}
     for _ in range(warmup):
@@ -125,30 +135,35 @@ def run_case(res: Results, name: str, spec, device: str, iterations: int, warmup
     load_before = os.getloadavg()
     samples = {provider: [] for provider in steps}
     memory = {provider: [] for provider in steps}
-    for _ in range(iterations):  # A B A B: machine noise falls on both
+    for i in range(iterations):  # A B A B: machine noise falls on both
+        if time_left is not None and i >= 2 and time_left() <= 0:
+            break
         for provider, step in steps.items():
             seconds, extra = _timed(step, device)
             samples[provider].append(seconds)
             memory[provider].append(extra)
     load_after = os.getloadavg()
-    flops = step_flops(channels, size, ipc, batch_real)
+    flops = step_flops(channels, size, ipc, batch_real, num_classes, model)
     reference_median = statistics.median(samples["reference loop"])
+    rows = []
     for provider, times in samples.items():
         median = statistics.median(times)
-        res.add(case=name, data=source, shape=f"{channels}x{size}x{size}", ipc=ipc, batch_real=batch_real,
-                classes=10, provider=provider,
-                what=("fastdd Distiller, default config (method=dm, ConvNet, micro_batch and fused kernels as "
-                      "shipped)" if provider == "fastdd" else
-                      "per-class loop, nn.GroupNorm/ReLU/AvgPool2d, per-class reference DSA ops, data on device"),
-                config=None if provider != "fastdd" else {k: v for k, v in vars(cfg).items()
-                                                          if isinstance(v, (int, float, str, bool, type(None)))},
-                iterations=iterations, warmup=warmup, median_s=median, min_s=min(times), max_s=max(times),
-                all_seconds=times, step_peak_extra_mb=max(memory[provider]) if memory[provider][0] is not None else None,
-                load_avg_1min_before=load_before[0], load_avg_1min_after=load_after[0],
-                conv_flops_per_iteration=flops, sgemm_peak_gflops=peak_flops / 1e9,
-                flop_floor_s=flops / peak_flops, flop_floor_fraction=flops / peak_flops / median,
-                cudnn_allow_tf32=torch.backends.cudnn.allow_tf32 if device.startswith("cuda") else None,
-                speedup_vs_reference=reference_median / median)
+        rows.append(dict(
+            case=name, data=source, shape=f"{channels}x{size}x{size}", ipc=ipc, batch_real=batch_real,
+            classes=num_classes, model=model, provider=provider,
+            what=("fastdd Distiller, default config (method=dm, micro_batch and fused kernels as shipped)"
+                  if provider == "fastdd" else
+                  "per-class loop, nn.GroupNorm/ReLU/AvgPool2d, per-class reference DSA ops, data on device"),
+            config=None if provider != "fastdd" else {k: v for k, v in vars(cfg).items()
+                                                      if isinstance(v, (int, float, str, bool, type(None)))},
+            iterations=len(times), warmup=warmup, median_s=median, min_s=min(times), max_s=max(times),
+            all_seconds=times, step_peak_extra_mb=max(memory[provider]) if memory[provider][0] is not None else None,
+            load_avg_1min_before=load_before[0], load_avg_1min_after=load_after[0],
+            conv_flops_per_iteration=flops, sgemm_peak_gflops=peak_flops / 1e9,
+            flop_floor_s=flops / peak_flops, flop_floor_fraction=flops / peak_flops / median,
+            cudnn_allow_tf32=torch.backends.cudnn.allow_tf32 if device.startswith("cuda") else None,
+            speedup_vs_reference=reference_median / median))
+    return rows
 
 
 def main():
@@ -179,7 +194,8 @@ def main():
     res = Results("dm_iteration", args.device)
     peak = sgemm_peak_flops(args.device, n=256 if args.smoke else None)
     for name, spec in cases.items():
-        run_case(res, name, spec, args.device, iterations, warmup, batch_real, peak)
+        for row in measure_case(name, spec, args.device, iterations, warmup, batch_real, peak):
+            res.add(**row)
     res.write(out)
 
 

@@ -45,6 +45,32 @@ def time_fn(fn, device="cpu", warmup=3, repeats=15, min_time=0.0) -> dict:
     return {"median_s": statistics.median(samples), "p20_s": q[0], "p80_s": q[3], "repeats": len(samples)}
 
 
+def time_device(fn, device="cpu", warmup=3, repeats=20, flush_bytes=256 * 2**20) -> dict:
+    """Median/min/max seconds of `fn()`. CUDA: CUDA-event timing, the L2 cache flushed (a buffer larger than
+    any L2 zeroed) before every call, outside the timed window. CPU: wall clock."""
+    if torch.device(device).type != "cuda":
+        samples = []
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                samples.append(time.perf_counter() - t0)
+    else:
+        flush = torch.empty(flush_bytes // 4, device=device)
+        for _ in range(warmup):
+            fn()
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+        for start, end in events:
+            flush.zero_()
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        samples = [start.elapsed_time(end) / 1e3 for start, end in events]
+    return {"median_s": statistics.median(samples), "min_s": min(samples), "max_s": max(samples),
+            "repeats": len(samples)}
+
+
 def make_modes(fn, inputs, grad_inputs, mode):
     """A zero-arg callable for `mode` in fwd | bwd | fwd+bwd; `grad_inputs` are the inputs that need grads."""
     if mode == "fwd":
