@@ -8,7 +8,8 @@ Objective (methods.md, "Robust DD"): Σ_c (1 − β)·L_c + β·CVaR_α({L_{c,k}
 - CVaR_α = the mean of the worst (largest) ⌈α·K⌉ losses, fractional part weighted as in Rockafellar–Uryasev
   (`fastdd.ops.cvar`); the gradient flows through it to the selected clusters.
 Empty (class, cluster) cells of a batch (no sampled row) are EXCLUDED: a class's CVaR is taken over its K_c
-present clusters only (CVaR_α of K_c values), never over a zero placeholder.
+present clusters only (CVaR_α of K_c values), never over a zero placeholder. `robust_objective` takes the [C]
+and [C, K] loss tables and the present mask only, whatever base method computed them.
 
 Subpopulations (`assignment`):
 - `kmeans`: every training image of every class is embedded (`embedding`: a fresh random network of the run's
