@@ -47,3 +47,28 @@ def test_model_zoo_usable_without_the_extension():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "torch.Size([2, 10]) True"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("channels,size,channels_last", [(1, 28, False), (3, 32, True)])
+def test_cuda_fused_equals_unfused(channels, size, channels_last):
+    torch.manual_seed(0)
+    fused = get_model("ConvNet", channels, 10, size).cuda()
+    unfused = get_model("ConvNet", channels, 10, size, fused=False).cuda()
+    unfused.load_state_dict(fused.state_dict())
+    x = torch.randn(64, channels, size, size, device="cuda")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        fused, unfused = fused.to(memory_format=torch.channels_last), unfused.to(memory_format=torch.channels_last)
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # fp32 convolutions on both sides: only the tail differs
+    try:
+        xf, xu = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yf, yu = fused(xf), unfused(xu)
+        yf.square().sum().backward()
+        yu.square().sum().backward()
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    torch.testing.assert_close(yf, yu, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xf.grad, xu.grad, rtol=1e-3, atol=1e-5)
