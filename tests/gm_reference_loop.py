@@ -7,7 +7,7 @@ from fastdd.augment.reference_ops import apply_group
 
 
 def distance_wb(gwr, gws):
-    """DC's distance_wb: 1 − cosine per output row; 1-D parameters contribute 0."""
+    """DC's distance_wb (gm distance=cos): 1 − cosine per output row; 1-D parameters contribute 0."""
     shape = gwr.shape
     if len(shape) == 1:
         return torch.zeros((), dtype=gwr.dtype)
@@ -18,7 +18,7 @@ def distance_wb(gwr, gws):
 def match_loss(g_real, g_syn, distance):
     loss = None
     for gr, gs in zip(g_real, g_syn):
-        if distance == "dc":
+        if distance == "cos":
             term = distance_wb(gr, gs)
         elif len(gr.shape) <= 2:  # IDC defaults: bias=False, fc=False
             continue

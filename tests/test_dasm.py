@@ -11,7 +11,7 @@ from fastdd.distill.difficulty import difficulty_window, p_schedule
 from fastdd.distill.methods.dasm import DASM
 
 FAST = ["progress=false", "eval_epochs=2", "eval_num_models=1", "batch_real=8", "model=ConvNetW32",
-        "eval_models=[ConvNetW32]", "checkpoint_every=0"]
+        "eval_models=[ConvNetW32]", "checkpoint_every=0", "device=cpu"]
 GM_FAST = ["inner_loop=2", "n_data=16", "net_batch=8"]
 
 
@@ -62,7 +62,7 @@ def test_segments_are_frozen_and_matched_against_their_window(digits):
     snapshots = {}
 
     def spy(engine, logs):
-        snapshots[engine.iteration] = engine.syn.images.detach().clone()
+        snapshots[engine.iteration] = engine.synthetic.images.detach().clone()
         seen.append(logs["segment"])
     engine, metrics = _run(digits, "method=dasm", "base=gm", "segments=2", "ipc=4", "iterations=4",
                            "score_epochs=2", "p_max=0.8", "segment_eval=false", *GM_FAST, callback=spy)
@@ -83,7 +83,8 @@ def test_segments_are_frozen_and_matched_against_their_window(digits):
     assert window["dropped_per_class"] == [int(0.4 * n) for n in counts]
     pool = engine.method.pools[1]
     assert len(pool) == window["kept"]
-    index, _ = engine.method.view(engine, 1).sample_real_index(8)
+    engine.method.activate(engine, 1)
+    index, _ = engine.sample_real_index(8)
     assert torch.isin(index, pool).all()
     assert "test_accuracy" in metrics["dasm"]["per_segment"][1]["scorer"]
 
@@ -139,6 +140,6 @@ def test_bad_input_names_the_key(digits, overrides, message):
 
 
 def test_base_keys_pass_through():
-    method = DASM({"base": "gm", "factor": 1, "segments": 2, "distance": "dc"})
-    assert method.base.args.factor == 1 and method.base.args.distance == "dc"
+    method = DASM({"base": "gm", "factor": 1, "segments": 2, "distance": "cos"})
+    assert method.base.args.factor == 1 and method.base.args.distance == "cos"
     assert method.lr_for(20) == pytest.approx(method.base.lr_for(10))

@@ -14,7 +14,7 @@ from fastdd.distill.methods.multiformation import decode_zoom, mix_images
 from fastdd.models import get_model
 
 FAST = ["progress=false", "eval_epochs=2", "eval_num_models=1", "batch_real=8", "method=gm", "model=ConvNetW32",
-        "eval_models=[ConvNetW32]"]
+        "eval_models=[ConvNetW32]", "device=cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def _float64(engine):
     return engine
 
 
-@pytest.mark.parametrize("model,distance,size", [("ConvNet", "idc", 8), ("ConvNetD2", "dc", 8), ("MLP", "dc", 8),
+@pytest.mark.parametrize("model,distance,size", [("ConvNet", "idc", 8), ("ConvNetD2", "cos", 8), ("MLP", "cos", 8),
                                                  ("LeNet", "idc_l1", 16)])
 def test_batched_class_gradients_equal_per_class_loop(model, distance, size):
     torch.manual_seed(0)
@@ -61,21 +61,21 @@ def test_batched_class_gradients_equal_per_class_loop(model, distance, size):
 def test_matched_parameters_follow_dc_and_idc():
     net = get_model("ConvNet", 1, 10, (8, 8))
     assert [p.dim() for _, p in matched_parameters(net, "idc")] == [4, 4, 4]
-    assert [p.dim() for _, p in matched_parameters(net, "dc")] == [4, 4, 4, 2]
+    assert [p.dim() for _, p in matched_parameters(net, "cos")] == [4, 4, 4, 2]
     assert not ClassGradients(get_model("ConvNetBN", 1, 10, (8, 8)), []).batched  # BN: per-class passes
 
 
 def test_distances_on_hand_values():
     r = [torch.tensor([[1.0, 0.0], [0.0, 2.0]]), torch.tensor([1.0, 1.0])]
     s = [torch.tensor([[1.0, 0.0], [1.0, 0.0]]), torch.tensor([3.0, 1.0])]
-    # dc: row 1 cos 1, row 2 cos 0 -> 0 + 1; 1-D parameters add 0
-    assert float(gradient_distance(r, s, "dc")) == pytest.approx(1.0, abs=1e-5)
+    # cos: row 1 cos 1, row 2 cos 0 -> 0 + 1; 1-D parameters add 0
+    assert float(gradient_distance(r, s, "cos")) == pytest.approx(1.0, abs=1e-5)
     assert float(gradient_distance(r, s, "idc")) == pytest.approx(1 + 4 + 4)
     assert float(gradient_distance(r, s, "idc_l1")) == pytest.approx(1 + 2 + 2)
 
 
 @pytest.mark.parametrize("extra", [["distance=idc_l1", "class_chunk=2"],
-                                   ["distance=dc", "step_per_class=false", "class_chunk=0"],
+                                   ["distance=cos", "step_per_class=false", "class_chunk=0"],
                                    ["distance=idc", "class_chunk=1", "factor=1"]])
 def test_iteration_equals_idc_style_per_class_loop(digits, extra):
     """Two outer iterations (network training between image steps, momentum carried across the
@@ -83,7 +83,8 @@ def test_iteration_equals_idc_style_per_class_loop(digits, extra):
     d = digits[0]
     keep = torch.as_tensor(d.labels) < 3
     three = from_tensors(d.images[keep], torch.as_tensor(d.labels)[keep], name="digits3", num_classes=3)
-    overrides = [*FAST, "ipc=2", "inner_loop=2", "n_data=16", "net_batch=8", "batch_syn_max=6", *extra]
+    overrides = [*FAST, "ipc=2", "inner_loop=2", "n_data=16", "net_batch=8", "batch_syn_max=6", "aug=dsa",
+                 "mixup_net=vanilla", "pixel_space=false", *extra]
     ours, ref, init = (_float64(Distiller(build_config(overrides=overrides), three)) for _ in range(3))
     for engine in (ours, ref, init):
         engine.method.prepare(engine)
@@ -134,8 +135,12 @@ def test_mix_images_tiles_downsampled_reals():
 
 def test_lr_and_bad_keys_are_named(digits):
     assert GM().lr_for(50) == pytest.approx(0.025)
-    with pytest.raises(ValueError, match="'distance' must be one of dc, idc, idc_l1"):
-        GM({"distance": "cos"})
+    with pytest.raises(ValueError, match="'distance' must be one of cos, idc, idc_l1"):
+        GM({"distance": "mse"})
+    with pytest.raises(ValueError, match="'distance'='dc' is now 'cos'"):
+        GM({"distance": "dc"})
+    with pytest.raises(ValueError, match="unknown IDC augmentation"):
+        GM({"aug_type": "color_rotate"})
     with pytest.raises(ValueError, match="'factor' must be a positive integer"):
         GM({"factor": 0})
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['bogus'\] for method 'gm'"):

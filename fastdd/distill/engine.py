@@ -10,7 +10,8 @@ from fastdd.data import ClassSampler, ImageDataset
 from fastdd.distill import artifacts
 from fastdd.distill.config import DistillConfig
 from fastdd.distill.methods import build_method
-from fastdd.distill.synthetic import SyntheticSet
+from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, lookahead_coefficients, plain_sgd_group,
+                                      sequential_class_update)
 from fastdd.models import get_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -37,14 +38,29 @@ class Distiller:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = ClassSampler(train.labels, train.num_classes)
         self.augmenter = SiameseAugment(config.dsa_strategy) if config.dsa_strategy else None
-        self.syn = SyntheticSet.initialise(train, config.ipc, config.init, self.generator, self.device)
+        self.synthetic = SyntheticSet.initialise(train, config.ipc, config.init, self.generator, self.device)
+        self.active_rows: torch.Tensor | None = None  # a segment of the synthetic set (None: all rows)
+        self._active_view = None
+        self.real_pool: torch.Tensor | None = None    # training indices real data is drawn from (None: all)
+        self.pixel_space = bool(getattr(self.method, "pixel_space", False))
         self.lr = config.lr_img if config.lr_img is not None else self.method.lr_for(config.ipc)
-        self.optimizer = torch.optim.SGD([self.syn.images], lr=self.lr, momentum=config.momentum)
+        self.optimizer = torch.optim.SGD([self.synthetic.images], lr=self.lr, momentum=config.momentum)
         self.iteration = 0
         self.history: dict = {"loss": [], "evaluations": [], "seconds": 0.0}
         self._prepared = False
         if out_dir:
             artifacts.remove_stale_temps(out_dir)
+
+    @property
+    def syn(self):
+        """The synthetic rows methods work on: the whole set, or the active segment's rows."""
+        return self.synthetic if self._active_view is None else self._active_view
+
+    def set_active(self, rows: torch.Tensor | None, ipc: int | None = None, pool: torch.Tensor | None = None):
+        """Restrict methods to synthetic `rows` (`ipc` per class) and real sampling to `pool` (None: all)."""
+        self.active_rows = rows
+        self._active_view = None if rows is None else SyntheticRows(self.synthetic, rows, ipc)
+        self.real_pool = pool
 
     # ---- pieces methods compose -------------------------------------------------------------
     def new_network(self, model: str | None = None, num_classes: int | None = None, **overrides) -> torch.nn.Module:
@@ -63,7 +79,10 @@ class Distiller:
         return net
 
     def sample_real_index(self, n_per_class: int, pool: torch.Tensor | None = None):
-        """Up to n random real indices of every class in one call -> (index [M], class seg [M])."""
+        """Up to n random real indices of every class in one call -> (index [M], class seg [M]), drawn from
+        `pool` (and the engine's real_pool when one is set)."""
+        if self.real_pool is not None:
+            pool = self.real_pool if pool is None else pool[torch.isin(pool, self.real_pool)]
         if pool is None:
             idx, seg = self.sampler.sample(n_per_class, generator=self.generator)
         else:
@@ -106,14 +125,97 @@ class Distiller:
             return torch.cat([self.embed(net, x[i:i + step]) for i in range(0, x.shape[0], step)])
 
     def image_step(self, loss: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> float:
+        """One optimiser step on the synthetic images from `loss` (backpropagated) and/or `grad` (shaped like
+        `syn.images`, i.e. the active rows); in pixel space the gradient is scaled by 1/std² per channel."""
+        images = self.synthetic.images
         self.optimizer.zero_grad(set_to_none=True)
         if loss is not None:
             loss.backward()
         if grad is not None:
-            images = self.syn.images
-            images.grad = grad.detach().to(images.dtype) if images.grad is None else images.grad + grad.detach()
+            grad = self._full(grad.detach().to(images.dtype))
+            images.grad = grad if images.grad is None else images.grad + grad
+        if self.pixel_space and images.grad is not None:
+            images.grad = images.grad * self._pixel_scale(images)
         self.optimizer.step()
         return float(loss.detach()) if loss is not None else float("nan")
+
+    def sequential_class_step(self, grad: torch.Tensor) -> None:
+        """IDC's per-class image steps (class 0, 1, …, C−1 in turn, each an SGD-momentum step on its own
+        rows of `grad`), applied in closed form as one update; `grad` rows are those of `syn.images`, each
+        evaluated at `class_step_images()`."""
+        images = self.synthetic.images
+        lr, momentum = plain_sgd_group(self.optimizer)
+        grad = self._full(grad.detach().to(images.dtype))
+        if self.pixel_space:
+            grad = grad * self._pixel_scale(images)
+        state = self.optimizer.state[images]
+        buf = sequential_class_update(images, state.get("momentum_buffer"), grad, self.synthetic.labels,
+                                      self.num_classes, lr, momentum)
+        if buf is not None:
+            state["momentum_buffer"] = buf
+
+    def class_step_images(self) -> torch.Tensor:
+        """`syn.images` (detached) as class c's step sees them: after the momentum-only moves of the c
+        earlier class steps of a sequential round."""
+        images = self.syn.images.detach()
+        lr, momentum = plain_sgd_group(self.optimizer)
+        buf = self.optimizer.state.get(self.synthetic.images, {}).get("momentum_buffer")
+        if buf is None or momentum == 0:
+            return images
+        if self.active_rows is not None:
+            buf = buf[self.active_rows]
+        coef = torch.tensor(lookahead_coefficients(self.num_classes, momentum), dtype=buf.dtype)
+        coef = coef[self.syn.seg.to(coef.device)].to(buf.device).view(-1, *[1] * (buf.dim() - 1))
+        return images - lr * coef * buf
+
+    def clamp_to_pixel_range(self) -> None:
+        """Clamp the stored images to the normalised values of pixels 0 and 1, per channel."""
+        images = self.synthetic.images
+        mean, std = self._stats(images)
+        with torch.no_grad():
+            images.copy_(torch.maximum(torch.minimum(images, (1 - mean) / std), (0 - mean) / std))
+
+    def _stats(self, like: torch.Tensor):
+        shape = (1, -1) + (1,) * (like.dim() - 2)
+        mean = torch.tensor(self.train.mean, dtype=like.dtype, device=like.device).view(shape)
+        std = torch.tensor(self.train.std, dtype=like.dtype, device=like.device).view(shape)
+        return mean, std
+
+    def _pixel_scale(self, like: torch.Tensor) -> torch.Tensor:
+        """z = (x − mean)/std: a step of lr·∂L/∂x in pixels is a step of lr·∂L/∂z / std² in z."""
+        return 1.0 / self._stats(like)[1].square()
+
+    def _full(self, grad: torch.Tensor) -> torch.Tensor:
+        if self.active_rows is None:
+            return grad
+        full = torch.zeros_like(self.synthetic.images, dtype=grad.dtype)
+        full[self.active_rows] = grad
+        return full
+
+    def run_iteration(self, iteration: int, method=None) -> dict:
+        """One outer iteration of `method` (default: the engine's): begin_iteration, then inner_steps times
+        compute_inner → image step(s) → after_step, then end_iteration. Pixel-space methods have their
+        images clamped to the valid pixel range before (as IDC, at the top of every outer iteration) and
+        after it (so a finished DASM segment and the saved set are clamped too)."""
+        method = method or self.method
+        if self.pixel_space:
+            self.clamp_to_pixel_range()
+        state = method.begin_iteration(self, iteration)
+        values, logs = [], {}
+        for inner in range(method.inner_steps(self)):
+            out = method.compute_inner(self, iteration, state, inner)
+            if out.sequential_by_class:
+                self.sequential_class_step(out.grad)
+                value = float("nan")
+            else:
+                value = self.image_step(out.loss, out.grad)
+            values.append(out.value if out.value is not None else value)
+            logs.update(out.logs)
+            method.after_step(self, iteration, state, inner)
+        logs.update(method.end_iteration(self, iteration, state) or {})
+        if self.pixel_space:
+            self.clamp_to_pixel_range()
+        return {"loss": values[0] if len(values) == 1 else sum(values) / len(values), **logs}
 
     # ---- the loop -------------------------------------------------------------------------
     def run(self, callback=None) -> dict:
@@ -125,7 +227,7 @@ class Distiller:
         start = time.perf_counter()
         try:
             while self.iteration < cfg.iterations:
-                logs = self.method.iteration(self, self.iteration)
+                logs = self.run_iteration(self.iteration)
                 self.iteration += 1
                 self.history["loss"].append(float(logs.get("loss", float("nan"))))
                 if bar is not None:
@@ -164,7 +266,7 @@ class Distiller:
     def final_set(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The images a model trains on (methods with a decoder, e.g. multi-formation, override this)."""
         decode = getattr(self.method, "decode", None)
-        images, labels = self.syn.detached()
+        images, labels = self.synthetic.detached()
         return decode(self, images, labels) if decode else (images, labels)
 
     def finish(self) -> dict:
@@ -172,7 +274,7 @@ class Distiller:
             self.evaluate_now()
         metrics = self.metrics()
         if self.out_dir:
-            images, labels = self.syn.detached()
+            images, labels = self.synthetic.detached()
             artifacts.save_synthetic(os.path.join(self.out_dir, "synthetic.pt"), images, labels, self.train,
                                      self.config.to_dict(), extra=self.method_extra())
             artifacts.save_json(metrics, os.path.join(self.out_dir, "metrics.json"))
@@ -199,13 +301,13 @@ class Distiller:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "images": self.syn.images.detach().cpu(),
+        return {"iteration": self.iteration, "images": self.synthetic.images.detach().cpu(),
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                 "history": self.history, "config": self.config.to_dict(), "method": self.method.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         with torch.no_grad():
-            self.syn.images.copy_(state["images"].to(self.device))
+            self.synthetic.images.copy_(state["images"].to(self.device))
         self.optimizer.load_state_dict(state["optimizer"])
         self.generator.set_state(state["generator"])
         self.iteration = state["iteration"]

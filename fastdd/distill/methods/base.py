@@ -1,4 +1,4 @@
-"""The method plug-in interface: a method turns the engine's batch into a loss and/or an image gradient."""
+"""The method plug-in interface: hooks the engine's one loop calls, each turning a batch into an image update."""
 import dataclasses
 from dataclasses import dataclass, field
 
@@ -10,21 +10,24 @@ class MethodOutput:
     loss: torch.Tensor | None = None   # the engine backpropagates it into the synthetic images
     grad: torch.Tensor | None = None   # an extra gradient added to the images' (SGS-style surgery)
     value: float | None = None         # logged loss when `loss` is None
+    sequential_by_class: bool = False  # `grad` holds per-class gradients for IDC's C sequential class steps
     logs: dict = field(default_factory=dict)
 
 
 class Method:
-    """Subclasses set `name`, optionally `Args` (a dataclass of method keys), and implement `compute`."""
+    """Subclasses set `name`, optionally `Args` (a dataclass of method keys), and implement `compute`
+    (one image update per outer iteration) or the inner-loop hooks. The engine's run_iteration calls:
+    begin_iteration → inner_steps × (compute_inner → image step → after_step) → end_iteration."""
 
     name = "base"
     Args = None
-    default_lr = 1.0
+    pixel_space = False  # True: image steps in pixel units and a clamp to [0, 1] (engine.run_iteration)
 
     def __init__(self, args: dict | None = None):
         self.args = parse_method_args(self.name, self.Args, args or {})
 
     def lr_for(self, ipc: int) -> float:
-        return self.default_lr
+        return 1.0
 
     def prepare(self, engine) -> None:
         """Called once before the first iteration (and after a resume)."""
@@ -32,11 +35,26 @@ class Method:
     def compute(self, engine, iteration: int) -> MethodOutput:
         raise NotImplementedError
 
+    def begin_iteration(self, engine, iteration: int):
+        """Per-iteration state handed to the other hooks (e.g. a trainable network)."""
+        return None
+
+    def inner_steps(self, engine) -> int:
+        return 1
+
+    def compute_inner(self, engine, iteration: int, state, inner: int) -> MethodOutput:
+        return self.compute(engine, iteration)
+
+    def after_step(self, engine, iteration: int, state, inner: int) -> None:
+        """Called after each image step (e.g. train the network on real data)."""
+
+    def end_iteration(self, engine, iteration: int, state) -> dict:
+        """Extra logs of the iteration."""
+        return {}
+
     def iteration(self, engine, iteration: int) -> dict:
-        """One outer iteration: by default one loss/gradient and one image step."""
-        out = self.compute(engine, iteration)
-        value = engine.image_step(out.loss, out.grad)
-        return {"loss": out.value if out.value is not None else value, **out.logs}
+        """One outer iteration through the engine's loop (for callers that step a method directly)."""
+        return engine.run_iteration(iteration, self)
 
     def state_dict(self) -> dict:
         return {}

@@ -7,9 +7,9 @@ BATCHABLE = (nn.Conv2d, nn.Linear)
 
 
 def matched_parameters(net: nn.Module, distance: str) -> list[tuple[str, nn.Parameter]]:
-    """The parameters a distance compares: DC every ≥2-D one (1-D ones add 0 in distance_wb), IDC the
+    """The parameters a distance compares: cos (DC's) every ≥2-D one (1-D ones add 0 in distance_wb), IDC the
     ≥3-D ones (IDC's defaults bias=False, fc=False skip 1-D and 2-D parameters)."""
-    min_dim = 2 if distance == "dc" else 3
+    min_dim = 2 if distance == "cos" else 3
     return [(name, p) for name, p in net.named_parameters() if p.dim() >= min_dim]
 
 

@@ -30,56 +30,12 @@ class DASMArgs:
             raise ValueError(f"dasm: config key 'p_max' must lie in [0, 1), got {self.p_max!r}")
 
 
-class SegmentSyn:
-    """The active segment's rows of the engine's synthetic set (re-read on every access)."""
-
-    def __init__(self, engine, rows: torch.Tensor, ipc: int):
-        self._engine, self.rows, self.ipc, self.num_classes = engine, rows, ipc, engine.syn.num_classes
-
-    @property
-    def images(self):
-        return self._engine.syn.images[self.rows]
-
-    @property
-    def labels(self):
-        return self._engine.syn.labels[self.rows]
-
-    seg = labels
-
-    def detached(self):
-        return self.images.detach().cpu().clone(), self.labels.cpu().clone()
-
-
-class SegmentView:
-    """The engine as one segment's method sees it: its synthetic rows, its real pool; all else forwarded."""
-
-    def __init__(self, engine, rows: torch.Tensor | None, ipc: int, pool: torch.Tensor | None):
-        self._engine, self.syn_rows, self.real_pool = engine, rows, pool
-        self.syn_leaf = engine.syn.images
-        self.syn = engine.syn if rows is None else SegmentSyn(engine, rows, ipc)
-
-    def __getattr__(self, name):
-        return getattr(self._engine, name)
-
-    def sample_real_index(self, n_per_class: int, pool: torch.Tensor | None = None):
-        if self.real_pool is not None:
-            pool = self.real_pool if pool is None else pool[torch.isin(pool, self.real_pool)]
-        return self._engine.sample_real_index(n_per_class, pool=pool)
-
-    def image_step(self, loss=None, grad=None) -> float:
-        if grad is not None and self.syn_rows is not None:
-            full = torch.zeros_like(self.syn_leaf)
-            full[self.syn_rows] = grad.to(full.dtype)
-            grad = full
-        return self._engine.image_step(loss, grad)
-
-
 class DASM(Method):
     """K segments of ipc/K images per class, distilled in order by the base method on one engine.
 
     - Layout: class c's rows c·ipc .. c·ipc+ipc−1 hold segments 1..K in order (ipc/K rows each).
     - Iterations: segment k (1-based) runs engine iterations [(k−1)·T/K, k·T/K) (integer division).
-    - Segment k sees only its rows (SegmentView); earlier segments get no gradient and their
+    - Segment k sees only its rows (engine.set_active); earlier segments get no gradient and their
       momentum is zeroed when k starts, later ones have none yet, so both stay fixed.
     - Before segment k > 1: a scorer trained on segments 1..k−1 (decoded; evaluation-protocol
       schedule with score_epochs) gives every real training sample its CE loss; per class the
@@ -136,23 +92,41 @@ class DASM(Method):
     def lr_for(self, ipc: int) -> float:
         return self.base.lr_for(ipc // self.num_segments(ipc))  # each segment is an IPC-(ipc/K) distillation
 
+    @property
+    def pixel_space(self) -> bool:
+        return bool(getattr(self.base, "pixel_space", False))
+
     # ---- engine hooks ---------------------------------------------------------------------------
     def prepare(self, engine) -> None:
         self.plan(engine.config)
         self.base.prepare(engine)
 
-    def iteration(self, engine, iteration: int) -> dict:
+    def begin_iteration(self, engine, iteration: int):
+        """Enter the iteration's segment (at a boundary: freeze, score, pick the window), point the engine
+        at its rows and real pool, then begin the base method's iteration."""
         k, bounds, _ = self.plan(engine.config)
         segment = max(i for i in range(k) if bounds[i] <= iteration)
         if segment != self.current:
             self._enter(engine, segment)
-        logs = self.base.iteration(self.view(engine, segment), iteration)
-        return {**logs, "segment": segment + 1}
+        self.activate(engine, segment)
+        return segment, self.base.begin_iteration(engine, iteration)
 
-    def view(self, engine, segment: int) -> SegmentView:
+    def activate(self, engine, segment: int) -> None:
         k = self.num_segments(engine.config.ipc)
-        return SegmentView(engine, self.rows(engine, [segment]) if k > 1 else None, engine.config.ipc // k,
-                           self.pools.get(segment))
+        rows = self.rows(engine, [segment]) if k > 1 else None
+        engine.set_active(rows, engine.config.ipc // k, self.pools.get(segment))
+
+    def inner_steps(self, engine) -> int:
+        return self.base.inner_steps(engine)
+
+    def compute_inner(self, engine, iteration: int, state, inner: int):
+        return self.base.compute_inner(engine, iteration, state[1], inner)
+
+    def after_step(self, engine, iteration: int, state, inner: int) -> None:
+        self.base.after_step(engine, iteration, state[1], inner)
+
+    def end_iteration(self, engine, iteration: int, state) -> dict:
+        return {**(self.base.end_iteration(engine, iteration, state[1]) or {}), "segment": state[0] + 1}
 
     def rows(self, engine, segments: list[int]) -> torch.Tensor:
         """Class-major rows of `segments`: class c, segment j owns rows c·ipc + j·s .. c·ipc + (j+1)·s − 1."""
@@ -160,7 +134,7 @@ class DASM(Method):
         s = ipc // self.num_segments(ipc)
         local = torch.cat([torch.arange(j * s, (j + 1) * s) for j in segments])
         rows = (torch.arange(engine.num_classes).view(-1, 1) * ipc + local.view(1, -1)).reshape(-1)
-        return rows.to(engine.syn.images.device)
+        return rows.to(engine.synthetic.images.device)
 
     def _enter(self, engine, segment: int) -> None:
         """Freeze the finished segments (zero their momentum) and pick segment k's difficulty window."""
@@ -169,7 +143,7 @@ class DASM(Method):
                   "ipc": engine.config.ipc // k, "p": p[segment], "window": None}
         pool = None
         if segment > 0:
-            buf = engine.optimizer.state.get(engine.syn.images, {}).get("momentum_buffer")
+            buf = engine.optimizer.state.get(engine.synthetic.images, {}).get("momentum_buffer")
             if buf is not None:
                 buf.zero_()
             images, labels = self.decode(engine, *self._segment_set(engine, list(range(segment))))
@@ -194,7 +168,7 @@ class DASM(Method):
 
     def _segment_set(self, engine, segments: list[int]):
         rows = self.rows(engine, segments)
-        return engine.syn.images.detach()[rows].cpu(), engine.syn.labels[rows].cpu()
+        return engine.synthetic.images.detach()[rows].cpu(), engine.synthetic.labels[rows].cpu()
 
     def _evaluate(self, engine, images, labels) -> dict:
         from fastdd.evaluate import evaluate_synthetic

@@ -1,46 +1,73 @@
-"""Gradient matching (DC / IDC) as an engine plug-in: per-class weight gradients batched over classes."""
+"""Gradient matching (IDC) as engine hooks: per-class weight gradients batched over classes, pixel-space steps."""
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from fastdd.augment import augment_per_sample
-from fastdd.distill.methods.base import Method
+from fastdd.augment import IDCAugment, augment_per_sample, cutmix_loss, draw_cutmix
+from fastdd.augment.idc import parse_idc_strategy
+from fastdd.distill.methods.base import Method, MethodOutput
 from fastdd.distill.methods.class_grads import ClassGradients, matched_parameters
 from fastdd.distill.methods.multiformation import decode_for, mix_images
 
-DISTANCES = ("dc", "idc", "idc_l1")
+DISTANCES = ("cos", "idc", "idc_l1")
+AUGS = ("idc", "dsa", "none")
+MIXUPS = ("cut", "vanilla")
 
 
 @dataclass
 class GMArgs:
-    distance: str = "idc"          # dc: Σ per-output-channel (1 − cos) (DC's distance_wb); idc: Σ (g_r − g_s)²
+    distance: str = "idc"          # idc: Σ (g_r − g_s)² (IDC mse); idc_l1: Σ |g_r − g_s|; cos: DC's distance_wb
     factor: int = 2                # IDC multi-formation factor: each stored image decodes into factor² images
     inner_loop: int = 100          # image steps per outer iteration (network trained on real data between)
     net_epoch: int = 1             # network-training epochs between image steps
     n_data: int = 500              # real samples per network-training epoch (IDC's n_data)
-    net_batch: int = 64            # network-training batch size
+    net_batch: int = 0             # network-training batch size (0: config batch_real, as IDC's shared loader)
     net_lr: float = 0.01
     net_momentum: float = 0.9
     net_weight_decay: float = 5e-4
     batch_syn_max: int = 128       # decoded synthetic images per class per matching step (0: all)
-    step_per_class: bool = True    # IDC: one image step per class, in class order; False: DC, one summed step
+    step_per_class: bool = True    # IDC: one image step per class, in class order; False: one summed step
     class_chunk: int = 0           # classes per batched pass (0: all on CUDA, ~128 rows per pass on CPU)
     init_mix: bool = True          # IDC 'mix' init (factor² real images per stored image) when init=real
+    pixel_space: bool = True       # IDC: image steps in pixel units (lr_img as IDC's) and clamp to [0, 1]
+    aug: str = "idc"               # matching aug: idc (IDC DiffAug, one draw per class), dsa (config
+                                   # dsa_strategy, siamese), none; network training uses the same family
+    aug_type: str = "color_crop_cutout"  # IDC's matching strategy (ops: flip, color, crop, cutout)
+    mixup_net: str = "cut"         # network training: cut (IDC CutMix, cutout then dropped) or vanilla
+    mix_p: float = 0.5             # CutMix probability per batch (IDC: 0.5 on cifar/svhn/mnist/fashion)
+    beta: float = 1.0              # CutMix λ ~ Beta(beta, beta)
 
     def __post_init__(self):
+        if self.distance == "dc":
+            raise ValueError("gm: config key 'distance'='dc' is now 'cos' (DC's per-output-channel cosine "
+                             "distance); gm runs IDC's algorithm, not DC's")
         if self.distance not in DISTANCES:
             raise ValueError(f"gm: config key 'distance' must be one of {', '.join(DISTANCES)}; got {self.distance!r}")
-        for key in ("factor", "inner_loop", "net_epoch", "n_data", "net_batch"):
+        for key, valid in (("aug", AUGS), ("mixup_net", MIXUPS)):
+            if getattr(self, key) not in valid:
+                raise ValueError(f"gm: config key {key!r} must be one of {', '.join(valid)}; got {getattr(self, key)!r}")
+        parse_idc_strategy(self.aug_type)
+        for key in ("factor", "inner_loop", "net_epoch", "n_data"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"gm: config key {key!r} must be a positive integer, got {value!r}")
-        for key in ("batch_syn_max", "class_chunk"):
+        for key in ("batch_syn_max", "class_chunk", "net_batch"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"gm: config key {key!r} must be a non-negative integer, got {value!r}")
         if not self.net_lr > 0:
             raise ValueError(f"gm: config key 'net_lr' must be > 0, got {self.net_lr!r}")
+        if not 0 <= self.mix_p <= 1:
+            raise ValueError(f"gm: config key 'mix_p' must lie in [0, 1], got {self.mix_p!r}")
+        if not self.beta > 0:
+            raise ValueError(f"gm: config key 'beta' must be > 0, got {self.beta!r}")
+
+
+@dataclass
+class GMIteration:
+    net: torch.nn.Module
+    grads: ClassGradients
+    optimizer: torch.optim.Optimizer
 
 
 def gradient_distance(real: list, syn: list, distance: str) -> torch.Tensor:
@@ -51,11 +78,16 @@ def gradient_distance(real: list, syn: list, distance: str) -> torch.Tensor:
             total = total + (r - s).square().sum()
         elif distance == "idc_l1":
             total = total + (r - s).abs().sum()
-        elif r.dim() >= 2:
+        elif r.dim() >= 2:  # cos
             r2, s2 = r.reshape(r.shape[0], -1), s.reshape(s.shape[0], -1)
             cos = (r2 * s2).sum(-1) / (r2.norm(dim=-1) * s2.norm(dim=-1) + 1e-6)
             total = total + (1 - cos).sum()
     return total
+
+
+def _fp32(grads: list) -> list:
+    """Distances in at least fp32 (bf16-autocast gradients are upcast; fp32/fp64 ones kept)."""
+    return [g.float() if g.dtype in (torch.bfloat16, torch.float16) else g for g in grads]
 
 
 def _segments(seg: torch.Tensor, num_classes: int) -> tuple[list[int], list[int]]:
@@ -67,10 +99,20 @@ def _segments(seg: torch.Tensor, num_classes: int) -> tuple[list[int], list[int]
 class GM(Method):
     name = "gm"
     Args = GMArgs
-    default_lr = 5e-3
+
+    def __init__(self, args: dict | None = None):
+        super().__init__(args)
+        a = self.args
+        self.match_aug = IDCAugment(a.aug_type) if a.aug == "idc" else None
+        net_ops = [op for op in parse_idc_strategy(a.aug_type) if not (op == "cutout" and a.mixup_net == "cut")]
+        self.net_aug = IDCAugment("_".join(net_ops)) if a.aug == "idc" else None
+
+    @property
+    def pixel_space(self) -> bool:
+        return self.args.pixel_space
 
     def lr_for(self, ipc: int) -> float:
-        return 5e-3 * ipc / 10  # IDC: lr_img 5e-3 scaled by ipc/10
+        return 5e-3 * ipc / 10  # IDC: lr_img 5e-3 scaled by ipc/10 (pixel units when pixel_space)
 
     # ---- engine hooks ---------------------------------------------------------------------
     def prepare(self, engine) -> None:
@@ -84,30 +126,46 @@ class GM(Method):
     def synthetic_extra(self, engine) -> dict:
         if self.args.factor == 1:
             return {}
-        images, labels = self.decode(engine, *engine.syn.detached())
+        images, labels = self.decode(engine, *engine.synthetic.detached())
         return {"decoded_images": images, "decoded_labels": labels, "factor": self.args.factor}
 
     def metrics(self, engine) -> dict:
-        return {"gm": {"distance": self.args.distance, "factor": self.args.factor,
-                       "inner_loop": self.args.inner_loop, "decoded_per_class": engine.syn.ipc * self.args.factor ** 2}}
+        return {"gm": {"distance": self.args.distance, "factor": self.args.factor, "aug": self.args.aug,
+                       "inner_loop": self.args.inner_loop,
+                       "decoded_per_class": engine.synthetic.ipc * self.args.factor ** 2}}
 
-    # ---- one outer iteration --------------------------------------------------------------
-    def iteration(self, engine, iteration: int) -> dict:
+    # ---- one outer iteration: a fresh network, inner_loop × (match + image steps, network training) ----
+    def begin_iteration(self, engine, iteration: int) -> GMIteration:
         a = self.args
         net = engine.new_network()
         for p in net.parameters():
             p.requires_grad_(True)
-        grads = ClassGradients(net, matched_parameters(net, a.distance))
         opt = torch.optim.SGD(net.parameters(), lr=a.net_lr, momentum=a.net_momentum, weight_decay=a.net_weight_decay)
-        losses = []
-        for inner in range(a.inner_loop):
-            real_index, real_seg = engine.sample_real_index(engine.config.batch_real)
-            draw = engine.draw_augmentation()
-            select = self.draw_selection(engine)
-            losses.append(self.match_step(engine, grads, real_index, real_seg, draw, select))
-            if inner < a.inner_loop - 1:  # IDC also trains after the last step; that net is discarded
-                self.train_network(engine, net, opt)
-        return {"loss": sum(losses) / len(losses)}
+        return GMIteration(net, ClassGradients(net, matched_parameters(net, a.distance)), opt)
+
+    def inner_steps(self, engine) -> int:
+        return self.args.inner_loop
+
+    def compute_inner(self, engine, iteration: int, state: GMIteration, inner: int) -> MethodOutput:
+        real_index, real_seg = engine.sample_real_index(engine.config.batch_real)
+        draw = self.draw_match_augmentation(engine)
+        select = self.draw_selection(engine)
+        grad, value = self.match_grad(engine, state.grads, real_index, real_seg, draw, select)
+        return MethodOutput(grad=grad, value=value, sequential_by_class=self.args.step_per_class)
+
+    def after_step(self, engine, iteration: int, state: GMIteration, inner: int) -> None:
+        if inner < self.args.inner_loop - 1:  # IDC also trains after the last step; that net is discarded
+            self.train_network(engine, state.net, state.optimizer)
+
+    def draw_match_augmentation(self, engine):
+        if self.args.aug == "idc":
+            return self.match_aug.draw(engine.num_classes, engine.train.image_size, engine.generator, engine.device)
+        return engine.draw_augmentation() if self.args.aug == "dsa" else None
+
+    def augment(self, engine, x, group, draw):
+        if self.args.aug == "idc":
+            return self.match_aug.apply(x, group, draw)
+        return engine.augment(x, group, draw)
 
     def draw_selection(self, engine):
         """Per class, which of its f²·ipc decoded images enter this step (None: all), from the engine RNG."""
@@ -117,39 +175,31 @@ class GM(Method):
         keys = torch.rand(engine.num_classes, m, generator=engine.generator)
         return keys.argsort(dim=1)[:, :self.args.batch_syn_max]
 
-    def match_step(self, engine, grads, real_index, real_seg, draw, select) -> float:
-        """Per-class gradient matching on all classes, then the image steps; returns the mean class loss."""
+    def match_grad(self, engine, grads, real_index, real_seg, draw, select) -> tuple[torch.Tensor, float]:
+        """Per-class matching losses on all classes -> (∂ Σ_c loss_c / ∂ images, mean class loss). With
+        step_per_class, class c's rows are read where its sequential step finds them."""
         a, C = self.args, engine.num_classes
-        real = engine.augment(engine.real_images(real_index), real_seg, draw)
+        real = self.augment(engine, engine.real_images(real_index), real_seg, draw)
         real_y = real_seg.to(real.device)
         r_counts, r_starts = _segments(real_seg, C)
-        images = engine.syn.images.detach()
+        images = engine.class_step_images() if a.step_per_class else engine.syn.images.detach()
         s_counts, s_starts = _segments(engine.syn.seg, C)
-        shift = self.lookahead(engine, s_counts) if a.step_per_class else None
         grad_images = torch.zeros_like(images)
         class_loss = [0.0] * C
         for chunk in self.chunks(engine, r_counts, s_counts):
             lo, hi = r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]
-            g_real = grads(real[lo:hi], real_y[lo:hi], [r_counts[c] for c in chunk], create_graph=False)
+            with engine._autocast():
+                g_real = grads(real[lo:hi], real_y[lo:hi], [r_counts[c] for c in chunk], create_graph=False)
             rows = slice(s_starts[chunk[0]], s_starts[chunk[-1]] + s_counts[chunk[-1]])
-            x = images[rows] if shift is None else images[rows] - shift[rows]
-            x = x.detach().requires_grad_(True)
+            x = images[rows].detach().requires_grad_(True)
             syn, syn_y, n_syn = self.syn_batch(engine, x, engine.syn.seg[rows], chunk, select, draw)
-            g_syn = grads(syn, syn_y, n_syn, create_graph=True)
-            per_class = [gradient_distance(gr, gs, a.distance) for gr, gs in zip(g_real, g_syn)]
-            grad_images[rows] = torch.autograd.grad(torch.stack(per_class).sum(), x)[0]
+            with engine._autocast():
+                g_syn = grads(syn, syn_y, n_syn, create_graph=True)
+            per_class = [gradient_distance(_fp32(gr), _fp32(gs), a.distance) for gr, gs in zip(g_real, g_syn)]
+            grad_images[rows] = torch.autograd.grad(torch.stack(per_class).sum(), x)[0].to(grad_images.dtype)
             for c, value in zip(chunk, per_class):
                 class_loss[c] = float(value.detach())
-        if a.step_per_class:
-            for c in range(C):
-                if s_counts[c]:
-                    step = torch.zeros_like(grad_images)
-                    rows = slice(s_starts[c], s_starts[c] + s_counts[c])
-                    step[rows] = grad_images[rows]
-                    engine.image_step(grad=step)
-        else:
-            engine.image_step(grad=grad_images)
-        return sum(class_loss) / C
+        return grad_images, sum(class_loss) / C
 
     def syn_batch(self, engine, x, seg, chunk, select, draw):
         """Decode the chunk's stored images, keep each class's selected decoded images, augment (siamese)."""
@@ -160,27 +210,7 @@ class GM(Method):
             keep = select[chunk].reshape(-1) + offsets
             decoded, labels = decoded[keep.to(decoded.device)], labels[keep.to(labels.device)]
         n = per_class if select is None else select.shape[1]
-        return engine.augment(decoded, labels, draw), labels.to(decoded.device), [n] * len(chunk)
-
-    def lookahead(self, engine, s_counts) -> torch.Tensor | None:
-        """Exact batching of IDC's sequential per-class steps: class c's images are read after the c
-        earlier class steps of this round, each of which moves them by momentum alone (their gradient
-        is zero there), i.e. by lr·(m + m² + … + m^c)·buf. Returns that displacement per row."""
-        opt = engine.optimizer
-        group = opt.param_groups[0]
-        if group.get("dampening", 0) or group.get("nesterov") or group.get("weight_decay", 0) or group.get("maximize"):
-            raise ValueError("gm: step_per_class needs the engine's plain SGD (momentum, no dampening/nesterov/"
-                             "weight decay)")
-        leaf = getattr(engine, "syn_leaf", engine.syn.images)
-        buf = opt.state.get(leaf, {}).get("momentum_buffer")
-        m, lr = group["momentum"], group["lr"]
-        if buf is None or m == 0:
-            return None
-        rows = getattr(engine, "syn_rows", None)
-        buf = buf if rows is None else buf[rows]
-        coef = torch.tensor([sum(m ** j for j in range(1, c + 1)) for c in range(len(s_counts))], dtype=buf.dtype)
-        coef = coef.repeat_interleave(torch.tensor(s_counts)).to(buf.device)
-        return lr * coef.view(-1, *[1] * (buf.dim() - 1)) * buf
+        return self.augment(engine, decoded, labels, draw), labels.to(decoded.device), [n] * len(chunk)
 
     def chunks(self, engine, r_counts, s_counts) -> list[list[int]]:
         C = engine.num_classes
@@ -202,23 +232,32 @@ class GM(Method):
         return runs + [run] if run else runs
 
     def train_network(self, engine, net, opt) -> None:
-        """IDC's net update: net_epoch passes over shuffled real data, each stopping after n_data samples,
-        per-sample DSA (IDC also applies CutMix here; fastdd does not)."""
+        """IDC's net update: net_epoch passes over shuffled real data (the engine's real pool), each stopping
+        after n_data samples; per-sample augmentation (IDC's, cutout dropped under CutMix; or DSA), then
+        CutMix with probability mix_p when mixup_net=cut."""
         a = self.args
-        pool = getattr(engine, "real_pool", None)
+        pool = engine.real_pool
         total = len(pool) if pool is not None else len(engine.train)
-        strategy = engine.config.dsa_strategy if engine.augmenter is not None else None
+        batch = a.net_batch or engine.config.batch_real
+        labels = torch.as_tensor(engine.train.labels)
         for _ in range(a.net_epoch):
             order = torch.randperm(total, generator=engine.generator)
             seen = 0
-            for start in range(0, total, a.net_batch):
-                index = order[start:start + a.net_batch]
+            for start in range(0, total, batch):
+                index = order[start:start + batch]
                 index = pool[index] if pool is not None else index
                 x = engine.real_images(index)
-                if strategy:
-                    x = augment_per_sample(x, engine.generator, strategy=strategy)
-                y = torch.as_tensor(engine.train.labels)[index].to(x.device)
-                loss = F.cross_entropy(net(x), y)
+                with torch.no_grad():
+                    if a.aug == "idc":
+                        draw = self.net_aug.draw(len(index), engine.train.image_size, engine.generator, x.device)
+                        x = self.net_aug.apply(x, torch.arange(len(index), device=x.device), draw)
+                    elif a.aug == "dsa" and engine.augmenter is not None:
+                        x = augment_per_sample(x, engine.generator, strategy=engine.config.dsa_strategy)
+                mix = None
+                if a.mixup_net == "cut":
+                    mix = draw_cutmix(len(index), engine.train.image_size, a.beta, a.mix_p, engine.generator)
+                with engine._autocast():
+                    loss = cutmix_loss(net, x, labels[index].to(x.device), mix)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -228,13 +267,13 @@ class GM(Method):
 
     def _mix_init(self, engine) -> None:
         f2 = self.args.factor ** 2
-        index, seg = engine.sample_real_index(engine.syn.ipc * f2)
+        index, seg = engine.sample_real_index(engine.synthetic.ipc * f2)
         with torch.no_grad():
             for c in range(engine.num_classes):
                 mine = index[seg == c]
                 if len(mine) == 0:
                     continue
-                mine = mine[torch.arange(engine.syn.ipc * f2) % len(mine)]  # small classes repeat images
-                rows = (engine.syn.seg == c).nonzero().flatten()
-                engine.syn.images[rows] = mix_images(engine.real_images(mine), self.args.factor).to(
-                    engine.syn.images.dtype)
+                mine = mine[torch.arange(engine.synthetic.ipc * f2) % len(mine)]  # small classes repeat images
+                rows = (engine.synthetic.seg == c).nonzero().flatten()
+                engine.synthetic.images[rows] = mix_images(engine.real_images(mine), self.args.factor).to(
+                    engine.synthetic.images.dtype)
