@@ -1,4 +1,4 @@
-"""Build script: fastdd._C (C++ CPU kernels always; CUDA kernels only when nvcc, CUDA torch and a GPU or FORCE_CUDA=1)."""
+"""Build script: fastdd._C, the C++ CPU kernels (CUDA tensors are served by Triton, not by this extension)."""
 import glob
 import os
 import shutil
@@ -7,6 +7,7 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+CUDA_SOURCES = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
 
 
 def _log(msg):
@@ -14,6 +15,8 @@ def _log(msg):
 
 
 def _cuda_wanted(torch, cuda_home):
+    if not CUDA_SOURCES:
+        return False, "no CUDA sources in csrc/cuda (CUDA tensors are served by the Triton kernels)"
     nvcc = shutil.which("nvcc") or (cuda_home and os.path.exists(os.path.join(cuda_home, "bin", "nvcc")))
     if not nvcc:
         return False, "no nvcc found"
@@ -47,10 +50,12 @@ def extension_setup():
     with_cuda, why = _cuda_wanted(torch, CUDA_HOME)
     _log(f"CUDA kernels: {'yes' if with_cuda else 'no'} ({why})")
     sources = ["csrc/fastdd.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-std=c++17"]
+    # -ffp-contract=off: no a*b+c -> fma, so the CPU kernels round exactly as written (the Triton agreement
+    # kernel launches with fusion off too, and the hard spectral mask must agree bit for bit).
+    cxx = ["-O3", "-fopenmp", "-std=c++17", "-ffp-contract=off"]
     ext_cls, extra = CppExtension, {"cxx": cxx}
     if with_cuda:
-        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        sources += CUDA_SOURCES
         ext_cls = CUDAExtension
         extra = {"cxx": cxx + ["-DWITH_CUDA"], "nvcc": ["-O3", "-DWITH_CUDA", "--use_fast_math"]}
     _write_build_info(torch, with_cuda)

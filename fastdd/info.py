@@ -44,8 +44,10 @@ def format_report(info: dict) -> str:
     cpu = info["cpu_extension"]
     lines.append(f"CPU extension : compiled={cpu['compiled']} loaded={cpu['loaded']} ({cpu['status']}), "
                  f"OpenMP={cpu['openmp']}, threads={cpu['threads']}")
-    lines.append(f"CUDA extension: compiled={info['cuda_extension']['compiled']} "
-                 f"loaded={info['cuda_extension']['loaded']}")
+    if info["cuda_extension"]["compiled"]:
+        lines.append(f"CUDA extension: compiled=True loaded={info['cuda_extension']['loaded']}")
+    else:  # the normal case: fastdd ships no CUDA C++; every CUDA tensor goes to a Triton kernel (or the reference)
+        lines.append("CUDA tensors  : Triton kernels (fastdd._C holds CPU kernels only; no CUDA extension)")
     lines.append(f"CUDA GPU      : {info['gpu'] or 'none visible'}")
     lines.append(f"Triton        : can run={info['triton_can_run']} ({info['triton_mode']})")
     lines.append("op implementations (CPU tensors | CUDA tensors):")

@@ -42,6 +42,9 @@ def test_info_reports_extension(tmp_path):
     out = _run("import fastdd.info as i; i.main()", tmp_path)
     assert out.returncode == 0, out.stderr
     assert "CPU extension" in out.stdout and "segment_mean" in out.stdout
+    # fastdd ships no CUDA C++: info must name Triton as what serves CUDA tensors, float64 going to the reference.
+    assert "CUDA tensors  : Triton kernels (fastdd._C holds CPU kernels only" in out.stdout
+    assert "| Triton (float64: reference)" in out.stdout and "CUDA extension:" not in out.stdout
 
 
 @pytest.mark.skipif(not list((REPO / "fastdd").glob("_C*.so")), reason="extension not built in this checkout")

@@ -117,9 +117,45 @@ def test_triton_launchers_under_interpreter(N, D, S):
     torch.testing.assert_close(tri.segment_mean_backward(grad, seg), ref.segment_mean_backward(grad, seg))
 
 
+@pytest.mark.interpreter
+def test_triton_launchers_keep_float64_precision():
+    triton_or_skip()
+    from fastdd.triton import segment_mean as tri
+    g = torch.Generator().manual_seed(3)
+    x = 1.0 + 1e-9 * torch.randn(64, 3, generator=g, dtype=torch.float64)  # fp32 accumulation would round 1e-9 away
+    seg = torch.randint(0, 3, (64,), generator=g)
+    expected = torch.stack([x[seg == s].mean(0) for s in range(3)])
+    torch.testing.assert_close(tri.segment_mean(x, seg, 3), expected, atol=1e-14, rtol=0)
+    grad = 1.0 + 1e-9 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    counts = torch.stack([(seg == s).sum() for s in range(3)]).double()
+    torch.testing.assert_close(tri.segment_mean_backward(grad, seg), (grad / counts[:, None])[seg], atol=1e-15, rtol=0)
+
+
 @requires_cuda
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.slow
+def test_cuda_offsets_past_two_to_the_31_elements():
+    D = 256
+    N = 2 ** 31 // D + 64  # 2^31 + 16384 elements: the last rows start past the int32 range
+    if torch.cuda.mem_get_info()[0] < 3 * N * D * 2:
+        pytest.skip("needs about 13 GB of free GPU memory")
+    x = torch.zeros(N, D, dtype=torch.float16, device="cuda")
+    x[-64:] = torch.arange(64 * D, device="cuda").view(64, D).remainder(7).half()
+    seg = torch.zeros(N, dtype=torch.long, device="cuda")
+    seg[-64:] = 1
+    out = segment_mean(x, seg, 2)
+    torch.testing.assert_close(out[1].float(), x[-64:].float().mean(0), atol=1e-3, rtol=1e-3)
+    assert torch.equal(out[0], torch.zeros(D, dtype=torch.float16, device="cuda"))
+    del x
+    grad = torch.ones(2, D, dtype=torch.float16, device="cuda")
+    grad[1] = 64.0
+    back = torch.ops.fastdd.segment_mean_backward(grad, seg)  # rows past 2^31 / D get grad[1] / 64 = 1
+    assert torch.equal(back[-64:], torch.ones(64, D, dtype=torch.float16, device="cuda"))
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cuda_matches_reference(dtype):
     x, seg = _inputs(4096, 2047, 37, dtype, device="cuda")
     x.requires_grad_(True)

@@ -255,6 +255,44 @@ def test_triton_stage_zeros_under_interpreter():
         assert torch.equal(masked, spectra[0]) and torch.equal(a, torch.zeros(5))
 
 
+def _tie_taus(a, count=6):
+    """Agreement values of a few bins, used as tau so those bins sit exactly on the threshold."""
+    flat = a.flatten()
+    picks = torch.linspace(0, flat.numel() - 1, count).long()
+    return [float(flat[i]) for i in picks], picks
+
+
+def _assert_ties_agree(spectra, kernel_out, cpu_out, tau, pick):
+    (masked, a), (masked_cpu, a_cpu) = kernel_out, cpu_out
+    assert torch.equal(a.cpu(), a_cpu)  # bit-identical agreement, so a == tau compares the same way
+    assert torch.equal(masked.cpu(), masked_cpu)
+    total = spectra.sum(0).cpu().reshape(-1, 2)
+    assert torch.equal(masked_cpu.reshape(-1, 2)[pick], total[pick] * (1.0 / spectra.shape[0]))  # a == tau: kept
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hard_mask_ties_resolve_identically_in_triton_and_cpu_kernel(dtype):
+    triton_or_skip()
+    from fastdd.triton import spectral_surgery as tri
+    spectra = _spectra(3, (2, 2, 9, 8), dtype, seed=5)
+    _, a = torch.ops.fastdd.agreement_mask(spectra, 0.5, None, 1e-12, True)
+    for tau, pick in zip(*_tie_taus(a)):
+        _assert_ties_agree(spectra, tri.agreement_mask(spectra, tau, None, 1e-12, True),
+                           torch.ops.fastdd.agreement_mask(spectra, tau, None, 1e-12, True), tau, pick)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cuda_hard_mask_ties_match_cpu_kernel_bit_for_bit(dtype):
+    spectra = _spectra(4, (8, 3, 32, 31), dtype, seed=6)  # the same spectra on both devices
+    _, a = torch.ops.fastdd.agreement_mask(spectra, 0.5, None, 1e-12, True)
+    for tau, pick in zip(*_tie_taus(a)):
+        _assert_ties_agree(spectra, torch.ops.fastdd.agreement_mask(spectra.cuda(), tau, None, 1e-12, True),
+                           torch.ops.fastdd.agreement_mask(spectra, tau, None, 1e-12, True), tau, pick)
+
+
 @requires_cuda
 @pytest.mark.cuda
 @pytest.mark.parametrize("gamma", [None, 1.5])

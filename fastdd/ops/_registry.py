@@ -26,8 +26,13 @@ def triton_runnable() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def define(name: str, schema: str, *, cpu_reference, cuda_triton=None, cuda_reference=None, tags=()):
-    """Define `fastdd::name` and register implementations the extension did not provide."""
+def define(name: str, schema: str, *, cpu_reference, cuda_triton=None, cuda_reference=None, tags=(),
+           triton_fp64_reference=False):
+    """Define `fastdd::name` and register implementations the extension did not provide.
+
+    ``triton_fp64_reference``: the Triton launcher hands float64 tensors to the reference (its kernels accumulate
+    in fp32); recorded so `fastdd.info` says which code serves them.
+    """
     qualname = f"fastdd::{name}"
     LIB.define(f"{name}{schema}", tags=tags)
     chosen = {}
@@ -40,7 +45,7 @@ def define(name: str, schema: str, *, cpu_reference, cuda_triton=None, cuda_refe
         chosen["cuda"] = "CUDA C++ (fastdd._C)"
     elif cuda_triton is not None and triton_available():
         LIB.impl(name, cuda_triton, "CUDA")
-        chosen["cuda"] = "Triton"
+        chosen["cuda"] = "Triton (float64: reference)" if triton_fp64_reference else "Triton"
     else:
         LIB.impl(name, cuda_reference or cpu_reference, "CUDA")
         chosen["cuda"] = "reference (pure torch)"

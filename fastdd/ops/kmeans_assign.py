@@ -16,7 +16,7 @@ else:  # pragma: no cover - triton is a test dependency
 # into one accumulator. The public function returns (labels, sqdist).
 _registry.define(
     "kmeans_assign", "(Tensor x, Tensor centroids, Tensor? seg=None) -> (Tensor, Tensor)",
-    cpu_reference=ref.kmeans_assign, cuda_triton=tri and tri.kmeans_assign)
+    cpu_reference=ref.kmeans_assign, cuda_triton=tri and tri.kmeans_assign, triton_fp64_reference=True)
 
 
 def _check(x, centroids, seg):

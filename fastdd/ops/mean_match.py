@@ -14,12 +14,12 @@ _registry.define(
     "mean_match",
     "(Tensor real, Tensor real_seg, Tensor syn, Tensor syn_seg, int num_segments, Tensor? real_to_syn) "
     "-> (Tensor, Tensor)",
-    cpu_reference=ref.mean_match, cuda_triton=tri and tri.mean_match)
+    cpu_reference=ref.mean_match, cuda_triton=tri and tri.mean_match, triton_fp64_reference=True)
 _registry.define(
     "mean_match_backward",
     "(Tensor? grad, Tensor diff, Tensor? grad_diff, Tensor real_seg, Tensor syn_seg, Tensor? real_to_syn, "
     "bool real_grad, bool syn_grad, ScalarType dtype) -> (Tensor, Tensor)",
-    cpu_reference=ref.mean_match_backward, cuda_triton=tri and tri.mean_match_backward)
+    cpu_reference=ref.mean_match_backward, cuda_triton=tri and tri.mean_match_backward, triton_fp64_reference=True)
 
 
 def _acc_dtype(dtype):

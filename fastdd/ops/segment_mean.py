@@ -12,10 +12,10 @@ else:  # pragma: no cover - triton is a test dependency
 
 _registry.define(
     "segment_mean", "(Tensor x, Tensor seg, int num_segments) -> Tensor",
-    cpu_reference=ref.segment_mean, cuda_triton=tri and tri.segment_mean)
+    cpu_reference=ref.segment_mean, cuda_triton=tri and tri.segment_mean, triton_fp64_reference=True)
 _registry.define(
     "segment_mean_backward", "(Tensor grad, Tensor seg) -> Tensor",
-    cpu_reference=ref.segment_mean_backward, cuda_triton=tri and tri.segment_mean_backward)
+    cpu_reference=ref.segment_mean_backward, cuda_triton=tri and tri.segment_mean_backward, triton_fp64_reference=True)
 
 
 def _check(x, seg, num_segments):

@@ -1,4 +1,6 @@
 """Triton kmeans_assign: tiled x.c^T on tensor cores with a running argmin, then the exact ||x - c||^2 of the winner."""
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -109,5 +111,5 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, seg=None, block_n: i
     _assign_kernel[(grid,)](
         x, cents, cnorm, order, bseg, row0, row_end, labels, dist, K, D, x.stride(0),
         HAS_ORDER=seg is not None, PRECISION="tf32x3" if x.dtype == torch.float32 else "ieee",
-        UPCAST=x.device.type == "cpu", BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
+        UPCAST=os.environ.get("TRITON_INTERPRET", "0") == "1", BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=block_d)
     return dist, labels

@@ -26,10 +26,23 @@ def _div(x, y):
 
 
 @triton.jit
-def _agreement_mask_kernel(spec_ptr, out_ptr, a_ptr, M, D, stride_d, tau_hi, tau_lo, gamma_hi, gamma_lo, eps,
+def _join(hi, mid, lo, ty: tl.constexpr):
+    # float64 rebuilds the exact double from three fp32 parts; float32 takes hi, the double rounded to nearest.
+    if ty == tl.float64:
+        return (tl.cast(hi, tl.float64) + tl.cast(mid, tl.float64)) + tl.cast(lo, tl.float64)
+    else:
+        return tl.cast(hi, ty)
+
+
+@triton.jit
+def _agreement_mask_kernel(spec_ptr, out_ptr, a_ptr, M, D, stride_d, tau_hi, tau_mid, tau_lo,
+                           gamma_hi, gamma_mid, gamma_lo, eps,
                            HARD: tl.constexpr, WRITE_A: tl.constexpr, BLOCK: tl.constexpr):
     # Bins are rows of a [BLOCK, 2] (re, im) tile, so loads and stores stay fully coalesced.
-    # Python floats arrive as fp32: tau and gamma come split hi + lo so float64 spectra keep their precision.
+    # Python floats arrive as fp32: tau and gamma come split in three fp32 parts so float64 spectra see the
+    # exact double (as the CPU kernel does).
+    # Tie rule: `a` is computed with IEEE round-to-nearest sqrt/div only, in the CPU kernel's order, and the
+    # launch disables FMA contraction, so a == tau (kept by a >= tau) resolves bit-identically on CPU and GPU.
     pid = tl.program_id(0)
     bins = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ri = tl.arange(0, 2)
@@ -37,9 +50,9 @@ def _agreement_mask_kernel(spec_ptr, out_ptr, a_ptr, M, D, stride_d, tau_hi, tau
     tile_mask = in_range[:, None] & (ri[None, :] < 2)
     offs = bins[:, None] * 2 + ri[None, :]
     acc_ty = spec_ptr.dtype.element_ty
-    tau = tl.cast(tau_hi, acc_ty) + tl.cast(tau_lo, acc_ty)
-    gamma = tl.cast(gamma_hi, acc_ty) + tl.cast(gamma_lo, acc_ty)
-    inv_d = 1.0 / tl.cast(D, acc_ty)
+    tau = _join(tau_hi, tau_mid, tau_lo, acc_ty)
+    gamma = _join(gamma_hi, gamma_mid, gamma_lo, acc_ty)
+    inv_d = _div(tl.cast(1.0, acc_ty), tl.cast(D, acc_ty))
     total = tl.zeros([BLOCK, 2], dtype=acc_ty)
     mag = tl.zeros([BLOCK], dtype=acc_ty)
     ptrs = spec_ptr + offs
@@ -62,9 +75,18 @@ def _agreement_mask_kernel(spec_ptr, out_ptr, a_ptr, M, D, stride_d, tau_hi, tau
         tl.store(a_ptr + bins, a.to(a_ptr.dtype.element_ty), mask=in_range)
 
 
-def _split(value: float) -> tuple[float, float]:
-    hi = struct.unpack("f", struct.pack("f", float(value)))[0]
-    return hi, float(value) - hi
+LAUNCH_OPTIONS = {"enable_fp_fusion": False}  # no a*b+c -> fma: the agreement must round as the CPU kernel does
+
+
+def _to_fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
+
+
+def _split(value: float) -> tuple[float, float, float]:
+    """Three fp32-exact parts summing exactly (in float64) to `value`; the first is fp32(value)."""
+    hi = _to_fp32(float(value))
+    mid = _to_fp32(float(value) - hi)
+    return hi, mid, float(value) - hi - mid
 
 
 def agreement_mask(spectra: torch.Tensor, tau: float, gamma, eps: float, return_agreement: bool,
@@ -82,5 +104,5 @@ def agreement_mask(spectra: torch.Tensor, tau: float, gamma, eps: float, return_
     grid = (triton.cdiv(M, block),)
     _agreement_mask_kernel[grid](spectra, out, a if return_agreement else out, M, D, 2 * M, *_split(tau),
                                  *_split(1.0 if gamma is None else gamma), float(eps),
-                                 HARD=gamma is None, WRITE_A=return_agreement, BLOCK=block)
+                                 HARD=gamma is None, WRITE_A=return_agreement, BLOCK=block, **LAUNCH_OPTIONS)
     return out, a
