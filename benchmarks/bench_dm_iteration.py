@@ -76,7 +76,7 @@ class ReferenceLoop:
 def conv_flops_per_image(channels: int, num_classes: int, image_size, model: str = "ConvNet") -> int:
     """Multiply-adds ×2 of the ConvNet's convolutions for one image (norm, activation, pooling are memory-bound)."""
     from fastdd.models import get_model
-    net = get_model(model, channels, num_classes, image_size)
+    net = get_model(model, channels, num_classes, image_size, fused=False)
     flops = []
 
     def count(module, inputs, output):

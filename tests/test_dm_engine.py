@@ -190,3 +190,20 @@ def test_cuda_batched_loss_and_gradient_equal_per_class_loop(digits, model, stra
     # TF32 convolutions (cuDNN's default) on both sides, different reduction orders.
     torch.testing.assert_close(out.loss, loss_ref, rtol=5e-3, atol=1e-4)
     torch.testing.assert_close(grad_batched, grad_ref, rtol=2e-2, atol=1e-4)
+
+
+def test_benchmark_baseline_runs_the_reference_modules_not_the_fused_kernel(monkeypatch):
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_dm_iteration as bench
+    import fastdd.models.convnet as convnet
+
+    def fused_kernel(*args, **kwargs):
+        raise AssertionError("the baseline must not run fastdd's fused norm_act_pool")
+    monkeypatch.setattr(convnet, "norm_act_pool", fused_kernel)
+    train, _ = bench.load_case_data("random", 3, 16)
+    syn = torch.randn(20, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    loop = bench.ReferenceLoop(train, syn, ipc=2, batch_real=4, device="cpu")
+    loss = loop.step()
+    assert loss > 0 and not torch.equal(loop.image_syn.detach(), syn)
+    assert bench.step_flops(3, 32, 10, 256) == 10 * (256 + 2 * 10) * 2 * 9 * 128 * (3 * 32 * 32 + 128 * 16 * 16
+                                                                                     + 128 * 8 * 8)
