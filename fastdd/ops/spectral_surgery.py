@@ -71,7 +71,9 @@ def spectral_surgery(grads: torch.Tensor, tau: float = 0.5, gamma: float | None 
 
     With ``G_d = rfft2(grads[d])`` over (H, W), each bin gets the agreement
     ``a = |sum_d G_d| / (sum_d |G_d| + eps)`` in [0, 1] (0 where both sums vanish) and the mask
-    ``m = 1[a >= tau]`` (hard, ``gamma=None``) or ``a ** gamma`` (soft). Returns
+    ``m = 1[a >= tau]`` (hard, ``gamma=None``; a bin with ``a == tau`` is kept) or ``a ** gamma`` (soft). ``a`` is
+    computed with correctly rounded sqrt and division, no FMA contraction and one summation order in the C++ and
+    Triton kernels, so for the same spectra the hard mask is bit-identical on CPU and GPU, ties included. Returns
     ``(shared, specific)`` with ``shared = irfft2(m * mean_d G_d)`` and ``specific = mean_d grads - shared``,
     both ``[N, C, H, W]`` in ``grads.dtype``; with ``return_agreement=True`` also ``a [N, C, H, W//2+1]``.
 
