@@ -97,8 +97,10 @@ def _evaluate(args) -> int:
     images, labels = saved["images"], saved["labels"]
     if "decoded_images" in saved:
         images, labels = saved["decoded_images"], saved["decoded_labels"]
+    num_models = args.num_models if args.num_models is not None else config.eval_num_models
+    epochs = args.epochs if args.epochs is not None else config.eval_epochs
     result = evaluate_synthetic(images, labels, test, models=tuple(args.models.split(",")),
-                                num_models=args.num_models, epochs=args.epochs, seed=args.seed,
+                                num_models=num_models, epochs=epochs, seed=args.seed,
                                 extra_metrics=evaluators or None)
     _print_evaluations([result])
     if run_dir:
@@ -191,8 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="evaluation protocol on a saved synthetic set")
     e.add_argument("run", help="run directory or synthetic.pt")
     e.add_argument("--models", default="ConvNet", help="comma-separated model names")
-    e.add_argument("--num-models", type=int, default=5)
-    e.add_argument("--epochs", type=int, default=300)
+    e.add_argument("--num-models", type=int, help="models per architecture (default: the run's eval_num_models)")
+    e.add_argument("--epochs", type=int, help="training epochs (default: the run's eval_epochs)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--data-dir", dest="data_dir")
     e.set_defaults(func=_evaluate)

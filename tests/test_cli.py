@@ -1,5 +1,6 @@
 """The command line: `python -m fastdd`, distill --help listings, presets, and one-line errors (exit code 2)."""
 import dataclasses
+import json
 import functools
 import http.server
 import os
@@ -104,3 +105,23 @@ def test_distill_with_preset_flag_and_tensorboard_log(tmp_path):
     assert (saved["preset"], saved["iterations"], saved["eval_every"], saved["batch_real"]) == (
         "reference", 3, 2000, 8)
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "tb"))
+
+
+def test_evaluate_uses_the_runs_protocol_settings(tmp_path, capsys):
+    from fastdd import cli
+    from fastdd.data import load_dataset
+    from fastdd.distill import build_config
+    from fastdd.distill.artifacts import save_synthetic
+
+    train = load_dataset("digits")
+    config = build_config(overrides=["eval_epochs=2", "eval_num_models=2", "device=cpu", "progress=false"])
+    index = torch.cat([torch.nonzero(train.labels == c).flatten()[:2] for c in range(10)])
+    save_synthetic(str(tmp_path / "synthetic.pt"), train.normalize(train.images[index]), train.labels[index],
+                   train, config.to_dict())
+    assert cli.main(["evaluate", str(tmp_path), "--models", "MLP"]) == 0
+    saved = json.loads((tmp_path / "evaluation.json").read_text())
+    from fastdd.evaluate import evaluate_synthetic
+    expected = evaluate_synthetic(train.normalize(train.images[index]), train.labels[index],
+                                  load_dataset("digits", split="test"), models="MLP", num_models=2, epochs=2)
+    assert saved["MLP"]["accuracies"] == pytest.approx(expected["MLP"]["accuracies"])
+    assert "MLP accuracy" in capsys.readouterr().out
