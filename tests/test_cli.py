@@ -58,6 +58,13 @@ def test_cuda_device_without_cuda_is_one_line():
     assert_one_line_error(fastdd("distill", "--device", "cuda", "progress=false"), "'device'", "CUDA")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_missing_cuda_index_is_one_line():
+    index = torch.cuda.device_count()
+    assert_one_line_error(fastdd("distill", "--device", f"cuda:{index}", "progress=false"), f"cuda:{index}",
+                          f"{index} CUDA device(s)")
+
+
 def test_unknown_preset_is_one_line():
     assert_one_line_error(fastdd("distill", "--preset", "paper"), "'preset'", "default, reference")
 
