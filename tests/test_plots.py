@@ -92,3 +92,27 @@ def test_tensorboard_missing_package_names_the_key(monkeypatch):
     from fastdd.distill.logging import TensorBoardLogger
     with pytest.raises(ValueError, match="'log'='tensorboard' needs the tensorboard package"):
         TensorBoardLogger("unused")
+
+
+def test_tensorboard_logs_each_evaluation_once(tmp_path):
+    pytest.importorskip("tensorboard")
+    from types import SimpleNamespace
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fastdd.distill.logging import TensorBoardLogger
+
+    entry = {"iteration": 2, "ConvNet": {"mean": 0.25, "std": 0.5}}
+    engine = SimpleNamespace(iteration=2, history={"evaluations": []})
+    logger = TensorBoardLogger(str(tmp_path))
+    logger.on_iteration(engine, {"loss": 1.5})
+    engine.history["evaluations"].append(entry)
+    logger.on_evaluation(entry)  # an engine hook and the history both report it
+    engine.iteration = 3
+    logger.on_iteration(engine, {"loss": 0.5})
+    logger.close(engine)
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("accuracy/ConvNet")] == [(2, 0.25)]
+    assert [(e.step, e.value) for e in events.Scalars("accuracy_std/ConvNet")] == [(2, 0.5)]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(2, 1.5), (3, 0.5)]

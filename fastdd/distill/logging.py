@@ -15,7 +15,8 @@ class TensorBoardLogger:
         self.writer = SummaryWriter(log_dir)
         self.log_dir = log_dir
         self._last_time = None
-        self._evaluations_logged = None
+        self._evaluations_logged = None  # history entries already seen (None until the first iteration)
+        self._logged_iterations: set = set()  # an engine that also calls on_evaluation logs each entry once
 
     def __call__(self, engine, logs: dict) -> None:
         self.on_iteration(engine, logs)
@@ -35,6 +36,9 @@ class TensorBoardLogger:
     def on_evaluation(self, entry: dict) -> None:
         """One evaluation entry {"iteration", model: {"mean", "std", ...}} -> accuracy/<model> scalars."""
         step = entry.get("iteration", 0)
+        if step in self._logged_iterations:
+            return
+        self._logged_iterations.add(step)
         for model, result in entry.items():
             if isinstance(result, dict) and "mean" in result:
                 self.writer.add_scalar(f"accuracy/{model}", float(result["mean"]), step)
