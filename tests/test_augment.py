@@ -177,6 +177,18 @@ def test_per_sample_mode_one_op_per_call_params_per_sample():
     assert draw.op_index.unique().numel() == 1 and draw.brightness.unique().numel() == 16
 
 
+@pytest.mark.parametrize("strategy", [STRATEGY_DEFAULT, "crop_scale", "rotate"])
+@pytest.mark.parametrize("aug_mode", ["S", "M"])
+def test_per_sample_host_op_shortcut_equals_the_general_path(strategy, aug_mode):
+    param = ParamDiffAug(aug_mode=aug_mode)
+    aug = SiameseAugment(strategy, param)
+    x = _images(12, (3, 10, 10))
+    for seed in range(8):
+        draw = aug.draw(12, 10, _gen(seed)).with_single_op()
+        expected = aug.apply(x, torch.arange(12), draw)
+        assert torch.equal(augment_per_sample(x, _gen(seed), strategy, param), expected)
+
+
 @pytest.mark.parametrize("strategy", ["none", "None", "", None])
 def test_identity_strategy(strategy):
     x = _images(4, (3, 8, 8))
@@ -313,8 +325,10 @@ def test_cuda_siamese_apply_has_no_host_sync():
     try:
         draw = aug.draw(10, 32, _gen(26), device="cuda")
         out = aug.apply(x, group, draw)
-        per_sample = augment_per_sample(x, _gen(27))
+        per_sample = augment_per_sample(x, _gen(27, "cuda"))  # device draw: the masked path
+        per_sample_host_draw = augment_per_sample(x, _gen(28))
     finally:
         torch.cuda.set_sync_debug_mode(0)
     torch.testing.assert_close(out.cpu(), aug.apply(x.cpu(), group.cpu(), draw.to("cpu")), atol=1e-5, rtol=0)
     assert per_sample.shape == x.shape
+    torch.testing.assert_close(per_sample_host_draw.cpu(), augment_per_sample(x.cpu(), _gen(28)), atol=1e-5, rtol=0)

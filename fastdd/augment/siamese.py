@@ -171,5 +171,11 @@ def augment_per_sample(x: torch.Tensor, generator: torch.Generator | None = None
     _check_images("augment_per_sample", x)
     if not augmenter.ops or x.shape[0] == 0:
         return x
-    draw = augmenter.draw(x.shape[0], tuple(x.shape[2:]), generator, device=x.device).with_single_op()
-    return augmenter.apply(x, torch.arange(x.shape[0], device=x.device), draw)
+    draw = augmenter.draw(x.shape[0], tuple(x.shape[2:]), generator).with_single_op()
+    group = torch.arange(x.shape[0], device=x.device)
+    if augmenter.param.aug_mode == "S" and draw.device.type == "cpu":
+        # A host draw names its one op without a device read: run that op alone (no masked buckets).
+        kind = _KIND[augmenter.ops[int(draw.op_index[0])]]
+        return augmenter._apply_bucket(min(kind, _AFFINE_BUCKET), x, group, torch.full_like(group, kind),
+                                       draw.to(x.device)).contiguous()
+    return augmenter.apply(x, group, draw)
