@@ -33,7 +33,9 @@ def _engine(train, model, ipc, factor, batch_real, inner_loop, chunk, device):
     from fastdd.distill import Distiller, build_config
     cfg = build_config(overrides=["method=gm", f"model={model}", f"ipc={ipc}", f"factor={factor}",
                                   f"batch_real={batch_real}", f"inner_loop={inner_loop}", f"class_chunk={chunk}",
-                                  "progress=false", f"device={device}"])
+                                  "progress=false", f"device={device}",
+                                  # the loop oracle's settings: engine DSA, no CutMix, normalised-space steps
+                                  "aug=dsa", "mixup_net=vanilla", "pixel_space=false"])
     engine = Distiller(cfg, train)
     engine.method.prepare(engine)
     return engine
@@ -53,7 +55,11 @@ def _match_once(engine, provider):
                                             engine.method.args.distance)
     from fastdd.distill.methods.class_grads import ClassGradients, matched_parameters
     grads = ClassGradients(net, matched_parameters(net, engine.method.args.distance))
-    return lambda: engine.method.match_step(engine, grads, index, seg, draw, select)
+
+    def step():
+        grad, _ = engine.method.match_grad(engine, grads, index, seg, draw, select)
+        engine.sequential_class_step(grad)
+    return step
 
 
 def _iteration(engine, provider):

@@ -37,6 +37,19 @@ def test_one_segment_is_exactly_the_base_method(digits, base, extra):
         metrics["evaluations"][-1]["ConvNetW32"]["mean"]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_one_segment_is_the_base_method_on_cuda(digits):
+    cuda = [o for o in FAST if o != "device=cpu"] + ["device=cuda"]
+    runs = []
+    for method in (["method=gm"], ["method=dasm", "base=gm", "segments=1"]):
+        engine = Distiller(build_config(overrides=[*cuda, *method, "ipc=2", "iterations=2", *GM_FAST]), digits[0])
+        engine.run()
+        runs.append(engine)
+    # same code path and draws; only cuDNN's nondeterministic reductions may differ
+    torch.testing.assert_close(runs[0].synthetic.images, runs[1].synthetic.images, rtol=1e-4, atol=1e-5)
+    assert torch.equal(runs[0].generator.get_state(), runs[1].generator.get_state())
+
+
 def test_difficulty_window_drops_the_easiest_fraction_per_class():
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2])
     losses = torch.tensor([0.4, 0.1, 0.3, 0.2, 5.0, 1.0, 1.0, 0.5, 9.0, 0.7, 3.0])
@@ -143,3 +156,15 @@ def test_base_keys_pass_through():
     method = DASM({"base": "gm", "factor": 1, "segments": 2, "distance": "cos"})
     assert method.base.args.factor == 1 and method.base.args.distance == "cos"
     assert method.lr_for(20) == pytest.approx(method.base.lr_for(10))
+
+
+def test_network_training_draws_only_from_the_real_pool(digits):
+    engine = Distiller(build_config(overrides=[*FAST, "method=gm", "ipc=1", "iterations=1", *GM_FAST]), digits[0])
+    pool = torch.arange(0, len(digits[0].labels), 7)
+    engine.set_active(None, pool=pool)
+    seen, real_images = [], engine.real_images
+    engine.real_images = lambda index: seen.append(index) or real_images(index)
+    state = engine.method.begin_iteration(engine, 0)
+    engine.method.train_network(engine, state.net, state.optimizer)
+    drawn = torch.cat(seen)
+    assert len(drawn) >= 16 and torch.isin(drawn, pool).all()

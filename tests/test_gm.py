@@ -58,6 +58,24 @@ def test_batched_class_gradients_equal_per_class_loop(model, distance, size):
     assert losses[0][1].abs().sum() > 0
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+@pytest.mark.parametrize("model,distance", [("ConvNet", "idc"), ("ConvNetD2", "cos")])
+def test_batched_class_gradients_equal_per_class_loop_on_cuda(model, distance):
+    torch.manual_seed(0)
+    net = get_model(model, 1, 4, (8, 8)).cuda()
+    grads = ClassGradients(net, matched_parameters(net, distance))
+    counts = [3, 5, 2, 4]
+    y = torch.arange(4, device="cuda").repeat_interleave(torch.tensor(counts, device="cuda"))
+    syn = torch.randn(sum(counts), 1, 8, 8, device="cuda", requires_grad=True)
+    real = grads.per_class(torch.randn(sum(counts), 1, 8, 8, device="cuda"), y, counts, create_graph=False)
+    out = []
+    for fn in (grads.batched_grads, grads.per_class):
+        loss = sum(gradient_distance(r, s, distance) for r, s in zip(real, fn(syn, y, counts, create_graph=True)))
+        out.append((loss, torch.autograd.grad(loss, syn)[0]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-4, atol=1e-5)  # TF32/cuDNN algorithm choice
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=1e-3, atol=1e-5)
+
+
 def test_matched_parameters_follow_dc_and_idc():
     net = get_model("ConvNet", 1, 10, (8, 8))
     assert [p.dim() for _, p in matched_parameters(net, "idc")] == [4, 4, 4]
