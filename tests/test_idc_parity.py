@@ -197,17 +197,36 @@ def test_gm_equals_idc_condense_loop_on_cuda(three, monkeypatch):
     assert losses == pytest.approx(ref_losses, rel=2e-3)
 
 
+def test_gm_matches_under_the_engines_autocast(three):
+    """gm's forwards run under engine._autocast (CPU bf16 stands in for CUDA's here): the update changes,
+    stays aligned with fp32's, and the images stay fp32."""
+    updates, losses = [], []
+    for bf16 in (False, True):
+        engine = Distiller(build_config(overrides=[*FAST, "device=cpu", "inner_loop=1"]), three)
+        if bf16:
+            engine._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+        engine.method.prepare(engine)
+        before = engine.synthetic.images.detach().clone()
+        losses.append(engine.run_iteration(0)["loss"])
+        updates.append((engine.synthetic.images.detach() - before).flatten())
+        assert engine.synthetic.images.dtype == torch.float32
+    cosine = float(updates[0] @ updates[1] / (updates[0].norm() * updates[1].norm()))
+    assert 0.95 < cosine < 1 - 1e-6 and losses[0] != losses[1]
+    assert losses[1] == pytest.approx(losses[0], rel=0.06)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
 def test_gm_bf16_autocast_matches_fp32_on_cuda(three):
-    """gm honours autocast_bf16: one outer iteration's image update within a bf16 tolerance of fp32's."""
-    updates = []
+    """gm honours autocast_bf16: one matching step's image update points where fp32's does and the loss
+    agrees to bf16 precision (a gradient difference loses digits: ~2-3 % measured with CPU bf16 autocast)."""
+    updates, losses = [], []
     for flag in ("false", "true"):
         engine = Distiller(build_config(overrides=[*FAST, "device=cuda", f"autocast_bf16={flag}", "inner_loop=1"]),
                            three)
         engine.method.prepare(engine)
         before = engine.synthetic.images.detach().clone()
-        engine.run_iteration(0)
-        updates.append(engine.synthetic.images.detach() - before)
-    scale = float(updates[0].abs().max())
-    assert scale > 0
-    torch.testing.assert_close(updates[1], updates[0], rtol=0, atol=5e-2 * scale)
+        losses.append(engine.run_iteration(0)["loss"])
+        updates.append((engine.synthetic.images.detach() - before).flatten())
+    cosine = float(updates[0] @ updates[1] / (updates[0].norm() * updates[1].norm()))
+    assert cosine > 0.95
+    assert losses[1] == pytest.approx(losses[0], rel=0.06)

@@ -78,6 +78,7 @@ def _plain(module: nn.Module) -> bool:
 
 def _weight_grad(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv2d):
+        a = a.to(d.dtype)  # under autocast the hooked input may be fp32 while the output gradient is bf16
         return torch.nn.grad.conv2d_weight(a, module.weight.shape, d, module.stride, module.padding,
                                            module.dilation, module.groups)
     return d.reshape(-1, d.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
