@@ -10,8 +10,8 @@ from fastdd.data import ClassSampler, ImageDataset
 from fastdd.distill import artifacts
 from fastdd.distill.config import DistillConfig
 from fastdd.distill.methods import build_method
-from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, lookahead_coefficients, plain_sgd_group,
-                                      sequential_class_update)
+from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, clamp_to_pixels, lookahead_coefficients,
+                                      pixel_step_scale, plain_sgd_group, sequential_class_update)
 from fastdd.models import get_model
 
 CHECKPOINT = "checkpoint.pt"
@@ -170,20 +170,10 @@ class Distiller:
 
     def clamp_to_pixel_range(self) -> None:
         """Clamp the stored images to the normalised values of pixels 0 and 1, per channel."""
-        images = self.synthetic.images
-        mean, std = self._stats(images)
-        with torch.no_grad():
-            images.copy_(torch.maximum(torch.minimum(images, (1 - mean) / std), (0 - mean) / std))
-
-    def _stats(self, like: torch.Tensor):
-        shape = (1, -1) + (1,) * (like.dim() - 2)
-        mean = torch.tensor(self.train.mean, dtype=like.dtype, device=like.device).view(shape)
-        std = torch.tensor(self.train.std, dtype=like.dtype, device=like.device).view(shape)
-        return mean, std
+        clamp_to_pixels(self.synthetic.images, self.train.mean, self.train.std)
 
     def _pixel_scale(self, like: torch.Tensor) -> torch.Tensor:
-        """z = (x − mean)/std: a step of lr·∂L/∂x in pixels is a step of lr·∂L/∂z / std² in z."""
-        return 1.0 / self._stats(like)[1].square()
+        return pixel_step_scale(self.train.std, like)
 
     def _full(self, grad: torch.Tensor) -> torch.Tensor:
         if self.active_rows is None:

@@ -96,3 +96,20 @@ def sequential_class_update(images: torch.Tensor, buf: torch.Tensor | None, grad
             return None if m == 0 else decay * grad
         images.sub_(lr * (sum(m ** j for j in range(1, C + 1)) * buf + tail * grad))
         return m ** C * buf + decay * grad
+
+
+def _channel_view(values, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view((1, -1) + (1,) * (like.dim() - 2))
+
+
+def pixel_step_scale(std, like: torch.Tensor) -> torch.Tensor:
+    """z = (x − mean)/std: a step of lr·∂L/∂x in pixels is a step of lr·∂L/∂z / std² in z (momentum is linear,
+    so scaling every gradient keeps SGD-momentum exactly IDC's pixel-space optimiser)."""
+    return 1.0 / _channel_view(std, like).square()
+
+
+def clamp_to_pixels(images: torch.Tensor, mean, std) -> None:
+    """In place: normalised images clamped to the normalised values of pixels 0 and 1, per channel."""
+    mean, std = _channel_view(mean, images), _channel_view(std, images)
+    with torch.no_grad():
+        images.copy_(torch.maximum(torch.minimum(images, (1 - mean) / std), (0 - mean) / std))
