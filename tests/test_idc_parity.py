@@ -70,7 +70,8 @@ def _oracle_iterations(events, train, num_classes, dtype):
             iterations.append({"model": model, "inner": []})
         elif kind == "sample":
             index, seg = value
-            real = [(pixels(index[seg.cpu() == c]), torch.full((int((seg == c).sum()),), c)) for c in range(num_classes)]
+            seg = seg.cpu()
+            real = [(pixels(index[seg == c]), torch.full((int((seg == c).sum()),), c)) for c in range(num_classes)]
             iterations[-1]["inner"].append({"real": real, "draw": None, "net_batches": []})
         elif kind == "matchdraw":
             iterations[-1]["inner"][-1]["draw"] = value

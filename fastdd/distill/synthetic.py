@@ -103,8 +103,8 @@ def _channel_view(values, like: torch.Tensor) -> torch.Tensor:
 
 
 def pixel_step_scale(std, like: torch.Tensor) -> torch.Tensor:
-    """z = (x − mean)/std: a step of lr·∂L/∂x in pixels is a step of lr·∂L/∂z / std² in z (momentum is linear,
-    so scaling every gradient keeps SGD-momentum exactly IDC's pixel-space optimiser)."""
+    """z = (x − mean)/std: a step of lr·∂L/∂x in pixels is a step of lr·∂L/∂z / std² in z (momentum is
+    linear, so scaling every gradient keeps SGD-momentum exactly IDC's pixel-space optimiser)."""
     return 1.0 / _channel_view(std, like).square()
 
 

@@ -44,8 +44,9 @@ class GMArgs:
         if self.distance not in DISTANCES:
             raise ValueError(f"gm: config key 'distance' must be one of {', '.join(DISTANCES)}; got {self.distance!r}")
         for key, valid in (("aug", AUGS), ("mixup_net", MIXUPS)):
-            if getattr(self, key) not in valid:
-                raise ValueError(f"gm: config key {key!r} must be one of {', '.join(valid)}; got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if value not in valid:
+                raise ValueError(f"gm: config key {key!r} must be one of {', '.join(valid)}; got {value!r}")
         parse_idc_strategy(self.aug_type)
         for key in ("factor", "inner_loop", "net_epoch", "n_data"):
             value = getattr(self, key)
