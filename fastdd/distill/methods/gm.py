@@ -98,6 +98,12 @@ def _segments(seg: torch.Tensor, num_classes: int) -> tuple[list[int], list[int]
 
 
 class GM(Method):
+    """IDC on the engine's hooks. Per outer iteration a fresh network (begin_iteration); per inner step
+    (inner_loop of them) a real batch per class, one IDC aug draw per class shared by real and synthetic,
+    every class's matching gradient in batched passes, handed to the engine as IDC's C sequential class
+    steps (sequential_by_class); then the network trains on real data (after_step). pixel_space makes
+    the engine step in pixel units and clamp to [0, 1], as IDC's pixel-space store does."""
+
     name = "gm"
     Args = GMArgs
 
