@@ -67,6 +67,13 @@ def test_segmented_only_picks_own_segment(N, D, K, S, sort, dtype):
     assert (labels == ref_labels).float().mean() >= 0.99
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 22])
+def test_reference_segmented_is_nearest_in_own_segment_for_any_chunking(chunk):
+    x, c, seg = _inputs(97, 9, 4, torch.float64, S=6)
+    labels = ref._nearest_in_segment(x, c, seg, chunk=chunk)  # chunk < S*k still takes one row at a time
+    _assert_nearest(x, c, seg, labels, (x - c[seg, labels]).square().sum(1), torch.float64)
+
+
 def test_segmented_equals_per_segment_calls():
     x, c, seg = _inputs(300, 20, 6, S=5)
     labels, sqdist = kmeans_assign(x, c, seg)
