@@ -26,8 +26,8 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Raw-launcher tests hand CPU tensors to the kernels, which only the interpreter runs. On a GPU machine they are
 # skipped: there the same launchers run compiled, on CUDA tensors, in each op's CUDA tests.
-NOT_INTERPRETING = "raw Triton launchers on CPU tensors need TRITON_INTERPRET=1 (set by conftest only without a GPU); " \
-                   "with a GPU the kernels are tested compiled, on CUDA tensors, by the cuda-marked tests"
+NOT_INTERPRETING = ("raw Triton launchers on CPU tensors need TRITON_INTERPRET=1 (set by conftest only without a "
+                    "GPU); with a GPU the kernels are tested compiled, on CUDA tensors, by the cuda-marked tests")
 
 
 def triton_or_skip():
