@@ -28,7 +28,7 @@ BACKWARDS = ("vmap", "func", "loop")
 @dataclass
 class SGSArgs:
     lambda_sh: float = 1.0      # weight of the cross-domain shared gradient
-    lambda_div: float = 0.0     # weight of the diversity gradient
+    lambda_div: float = 100.0   # weight of the diversity gradient (benchmarks/results/sgs_lambda_div.json)
     tau: float = 0.5            # hard-mask threshold on the agreement a(k)
     gamma: Any = None           # None: hard mask 1[a >= tau]; a number > 0: soft mask a**gamma
     eps: float = 1e-12
