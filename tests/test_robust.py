@@ -241,12 +241,14 @@ def test_resume_keeps_cluster_ids_and_is_bit_identical(digits):
     ("beta=-0.1", r"'beta' must be a number in \[0, 1\]"), ("beta=2", r"'beta' must be a number in \[0, 1\]"),
     ("assignment=nearest", "'assignment' must be one of kmeans, nearest-synthetic; got 'nearest'"),
     ("embedding=clip", "'embedding' must be one of random-net, pixels"),
-    ("base=gm", "'base' must be one of dm; got 'gm' \\(robust on gm is not implemented yet\\)"),
+    ("base=sgs", "'base' must be one of dm, gm; got 'sgs'"),
+    ("base=gm,assignment=nearest-synthetic", "'assignment' must be 'kmeans' when base='gm'"),
+    ("base=gm,bogus=1", r"unknown config key\(s\) \['bogus'\] for method 'gm'"),
     ("recluster_every=-1", "'recluster_every' must be a non-negative integer"),
     ("bogus=1", r"unknown config key\(s\) \['bogus'\] for method 'robust'")])
 def test_bad_input_names_the_key(override, match):
     with pytest.raises(ValueError, match=match):
-        Robust(build_config(overrides=[override]).method_args)
+        Robust(build_config(overrides=override.split(",")).method_args)
 
 
 def test_k_larger_than_a_class_is_named(digits):

@@ -1,4 +1,4 @@
-"""Robust DD: per-class K-means subpopulations of the real data and a differentiable CVaR over their DM losses.
+"""Robust DD: per-class K-means subpopulations of the real data and a differentiable CVaR over their DM or GM losses.
 
 Objective (methods.md, "Robust DD"): Σ_c (1 − β)·L_c + β·CVaR_α({L_{c,k}}_k), where
 - L_c = DM's class loss ‖μ_real(c) − μ_syn(c)‖² on the class's POOLED real batch (exactly `dm`'s term, same
@@ -7,6 +7,11 @@ Objective (methods.md, "Robust DD"): Σ_c (1 − β)·L_c + β·CVaR_α({L_{c,k}
   ONE `mean_match` call (real segment c·K + k → synthetic segment c via `real_to_syn`);
 - CVaR_α = the mean of the worst (largest) ⌈α·K⌉ losses, fractional part weighted as in Rockafellar–Uryasev
   (`fastdd.ops.cvar`); the gradient flows through it to the selected clusters.
+- base = gm (kmeans assignment only): the hooks are GM's (fresh network per outer iteration, inner_loop steps,
+  network training, pixel-space sequential class steps, decoding); in each matching step L_c is GM's class
+  loss and L_{c,k} = distance(real weight gradient over the rows of class c in cluster k, class c's synthetic
+  gradient), the real rows sorted by cell c·K + k into ClassGradients segments (empty cells skipped). Keys
+  that are not robust's go to GM (GM's CutMix `beta` is shadowed by robust's `beta`).
 Empty (class, cluster) cells of a batch (no sampled row) are EXCLUDED: a class's CVaR is taken over its K_c
 present clusters only (CVaR_α of K_c values), never over a zero placeholder. `robust_objective` takes the [C]
 and [C, K] loss tables and the present mask only, whatever base method computed them.
@@ -17,7 +22,7 @@ Subpopulations (`assignment`):
   call (k-means++ from the engine generator); the per-sample cluster ids live in the method state (so they are
   checkpointed and a resumed run keeps them) and are recomputed every `recluster_every` iterations (0: once).
   With β = 0 no clusters are needed: none are computed and no generator draws are spent, so the run is DM's
-  run draw for draw.
+  run draw for draw (GM's run with base = gm).
 - `nearest-synthetic` (the public code's assignment): a sampled real row's cluster is the nearest synthetic image
   of its class in the current iteration's embedding, so K = ipc (`k` is ignored); no state, no extra draws.
 """
@@ -30,11 +35,12 @@ from fastdd.cluster import batched_kmeans
 from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput
 from fastdd.distill.methods.dm import DM, dm_batch, dm_class_losses
+from fastdd.distill.methods.gm import GM, _fp32, _segments, gradient_distance
 from fastdd.ops import cvar, kmeans_assign, mean_match
 
 ASSIGNMENTS = ("kmeans", "nearest-synthetic")
 EMBEDDINGS = ("random-net", "pixels")
-BASES = ("dm",)
+BASES = ("dm", "gm")
 EMBED_CHUNK = 2048  # training images embedded per forward pass when clustering
 
 
@@ -49,7 +55,7 @@ class RobustArgs:
     embedding_model: str | None = None  # random-net family; None: the run's model
     kmeans_iters: int = 100         # Lloyd iterations cap per clustering
     eval_k: int = robust_data.EVAL_K  # test clusters per class for worst-cluster accuracy (added if the data has none)
-    base: str = "dm"                # matching method the risk wraps (dm; gm is not wired yet)
+    base: str = "dm"                # matching method the risk wraps: dm | gm (other keys go to gm)
 
     def __post_init__(self):
         for key in ("k", "kmeans_iters", "eval_k"):
@@ -61,9 +67,11 @@ class RobustArgs:
             raise ValueError(f"robust: config key 'beta' must be a number in [0, 1], got {self.beta!r}")
         for key, valid in (("assignment", ASSIGNMENTS), ("embedding", EMBEDDINGS), ("base", BASES)):
             if getattr(self, key) not in valid:
-                extra = " (robust on gm is not implemented yet)" if key == "base" and self.base == "gm" else ""
                 raise ValueError(f"robust: config key {key!r} must be one of {', '.join(valid)}; "
-                                 f"got {getattr(self, key)!r}{extra}")
+                                 f"got {getattr(self, key)!r}")
+        if self.base == "gm" and self.assignment != "kmeans":
+            raise ValueError("robust: config key 'assignment' must be 'kmeans' when base='gm' "
+                             "(nearest-synthetic needs DM's feature embedding)")
 
 
 def _is_number(value) -> bool:
@@ -114,8 +122,11 @@ class Robust(Method):
     Args = RobustArgs
 
     def __init__(self, args: dict | None = None):
-        super().__init__(args)
-        self.dm = DM()
+        args = dict(args or {})
+        own = {f.name for f in dataclasses.fields(RobustArgs)}
+        gm_keys = {key: value for key, value in args.items() if key not in own} if args.get("base") == "gm" else {}
+        super().__init__({key: value for key, value in args.items() if key not in gm_keys})
+        self.base = GM(gm_keys) if self.args.base == "gm" else DM()
         self.cluster_ids: torch.Tensor | None = None  # int64 [len(train)] on CPU (kmeans assignment)
         self.clustered_at = -1
         self.reclusters = 0
@@ -123,11 +134,25 @@ class Robust(Method):
         self.count = 0
 
     def lr_for(self, ipc: int) -> float:
-        return self.dm.lr_for(ipc)
+        return self.base.lr_for(ipc)
+
+    @property
+    def pixel_space(self) -> bool:
+        return bool(getattr(self.base, "pixel_space", False))
+
+    def decode(self, engine, images, labels):
+        decode = getattr(self.base, "decode", None)
+        return decode(engine, images, labels) if decode else (images, labels)
+
+    def synthetic_extra(self, engine) -> dict:
+        extra = getattr(self.base, "synthetic_extra", None)
+        return extra(engine) if extra else {}
 
     # ---- engine hooks ---------------------------------------------------------------------
     def prepare(self, engine) -> None:
         a = self.args
+        if a.base == "gm":
+            self.base.prepare(engine)
         if a.assignment == "kmeans":
             sizes = torch.bincount(engine.train.labels.long(), minlength=engine.num_classes)
             small = (sizes < a.k).nonzero().flatten()
@@ -176,6 +201,83 @@ class Robust(Method):
         centroids = batch.syn_features.detach().to(batch.real_features.dtype).view(C, ipc, -1)
         return kmeans_assign(batch.real_features, centroids, batch.real_seg)[0]
 
+    # ---- the base method's outer iteration (GM: fresh network, inner steps, network training) -----------
+    def begin_iteration(self, engine, iteration: int):
+        if self.args.base == "gm" and self.needs_clustering(iteration):
+            self.cluster(engine, iteration)
+        return self.base.begin_iteration(engine, iteration)
+
+    def inner_steps(self, engine) -> int:
+        return self.base.inner_steps(engine)
+
+    def compute_inner(self, engine, iteration: int, state, inner: int) -> MethodOutput:
+        if self.args.base == "dm":
+            return self.compute(engine, iteration)
+        if self.cluster_ids is None:  # β = 0: GM's step, no clusters needed
+            out = self.base.compute_inner(engine, iteration, state, inner)
+            self._log(gm_loss=out.value)
+            return out
+        gm = self.base
+        real_index, real_seg = engine.sample_real_index(engine.config.batch_real)  # GM's draws, in GM's order
+        draw = gm.draw_match_augmentation(engine)
+        select = gm.draw_selection(engine)
+        grad, class_losses, losses, present = self.gm_match(engine, state.grads, real_index, real_seg, draw, select)
+        objective, risk = robust_objective(class_losses, losses, present, self.args.alpha, self.args.beta)
+        logs = {"gm_loss": float(class_losses.sum()) / engine.num_classes, "cvar": float(risk.sum()),
+                "worst_cluster_loss": float(losses.masked_fill(~present, float("-inf")).max()),
+                "empty_cells": int((~present).sum())}
+        self._log(**logs)
+        return MethodOutput(grad=grad, value=float(objective) / engine.num_classes,
+                            sequential_by_class=gm.args.step_per_class, logs=logs)
+
+    def after_step(self, engine, iteration: int, state, inner: int) -> None:
+        self.base.after_step(engine, iteration, state, inner)
+
+    def end_iteration(self, engine, iteration: int, state) -> dict:
+        return self.base.end_iteration(engine, iteration, state)
+
+    def gm_match(self, engine, grads, real_index, real_seg, draw, select):
+        """GM's matching step with the robust objective: (∂ objective / ∂ images, L_c [C], L_{c,k} [C, K],
+        present [C, K]); tables detached. Per class chunk: GM's real and synthetic gradients, plus the real
+        gradients of the chunk's non-empty (class, cluster) cells, each compared with its class's synthetic one."""
+        gm, a, C, K = self.base, self.args, engine.num_classes, self.args.k
+        real = gm.augment(engine, engine.real_images(real_index), real_seg, draw)
+        real_y = real_seg.to(real.device)
+        cell = real_seg.cpu() * K + self.cluster_ids[real_index.cpu()]
+        order = torch.argsort(cell, stable=True).to(real.device)  # class-major: each class keeps its rows' span
+        real_cells, cell_y = real[order], real_y[order]
+        present = torch.bincount(cell, minlength=C * K).view(C, K) > 0
+        cell_counts = torch.bincount(cell, minlength=C * K).tolist()
+        r_counts, r_starts = _segments(real_seg, C)
+        images = engine.class_step_images() if gm.args.step_per_class else engine.syn.images.detach()
+        s_counts, s_starts = _segments(engine.syn.seg, C)
+        grad_images = torch.zeros_like(images)
+        class_losses, losses = torch.zeros(C, dtype=torch.float64), torch.zeros(C, K, dtype=torch.float64)
+
+        def distance(r, s):
+            return gradient_distance(_fp32(r), _fp32(s), gm.args.distance)
+        for chunk in gm.chunks(engine, r_counts, s_counts):
+            lo, hi = r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]
+            cells = [c * K + k for c in chunk for k in range(K) if cell_counts[c * K + k]]
+            with engine._autocast():
+                g_real = grads(real[lo:hi], real_y[lo:hi], [r_counts[c] for c in chunk], create_graph=False)
+                g_cells = grads(real_cells[lo:hi], cell_y[lo:hi], [cell_counts[i] for i in cells], create_graph=False)
+            rows = slice(s_starts[chunk[0]], s_starts[chunk[-1]] + s_counts[chunk[-1]])
+            x = images[rows].detach().requires_grad_(True)
+            syn, syn_y, n_syn = gm.syn_batch(engine, x, engine.syn.seg[rows], chunk, select, draw)
+            with engine._autocast():
+                g_syn = grads(syn, syn_y, n_syn, create_graph=True)
+            per_class = torch.stack([distance(gr, gs) for gr, gs in zip(g_real, g_syn)])
+            per_cell = torch.stack([distance(gr, g_syn[i // K - chunk[0]]) for i, gr in zip(cells, g_cells)])
+            slots = torch.tensor([i - chunk[0] * K for i in cells], device=per_cell.device)
+            table = per_cell.new_zeros(len(chunk) * K).index_put((slots,), per_cell).view(len(chunk), K)
+            mask = present[chunk[0]:chunk[-1] + 1].to(table.device)
+            objective, _ = robust_objective(per_class, table, mask, a.alpha, a.beta)
+            grad_images[rows] = torch.autograd.grad(objective, x)[0].to(grad_images.dtype)
+            class_losses[chunk[0]:chunk[-1] + 1] = per_class.detach().double().cpu()
+            losses[chunk[0]:chunk[-1] + 1] = table.detach().double().cpu()
+        return grad_images, class_losses, losses, present
+
     # ---- one step --------------------------------------------------------------------------
     def compute(self, engine, iteration: int) -> MethodOutput:
         a, C = self.args, engine.num_classes
@@ -211,7 +313,7 @@ class Robust(Method):
             cells = engine.train.labels.long() * K + self.cluster_ids
             info["cluster_sizes"] = torch.bincount(cells, minlength=engine.num_classes * K).view(-1, K).tolist()
         info.update({f"{key}_mean": value / max(self.count, 1) for key, value in self.sums.items()})
-        out = {"robust": info}
+        out = {"robust": info, **(self.base.metrics(engine) if self.args.base == "gm" else {})}
         last = engine.history["evaluations"][-1] if engine.history["evaluations"] else {}
         table = {model: {key: s[key] for key in s if key == "mean" or key == "std" or key.startswith(
                  ("worst_", "mean_cluster", "accuracy_group_")) and key.endswith(("_mean", "_std"))}
