@@ -26,9 +26,13 @@ Two sources are counted, so the same test means the same thing with and without 
   Calls made from inside the ``triton`` package are ignored: that is the interpreter emulating the device. Calls
   on CUDA tensors are left to the CUDA source, so nothing is counted twice.
 
+``host_only()`` marks code that reads values living on the host by design (a CPU-generator draw): the CPU
+proxies do not count calls inside it; CUDA syncs inside it are still counted.
+
 The patches are process-wide while the context is open; counters may nest (the innermost one counts). Not
 thread-safe: open it on the thread that runs the code under test.
 """
+import contextlib
 import functools
 import sys
 import warnings
@@ -141,6 +145,16 @@ class HostSyncCounter:
 
 
 _MISSING = object()
+
+
+@contextlib.contextmanager
+def host_only():
+    """Calls inside read host-side tensors by design: not counted as CPU proxies (CUDA syncs still are)."""
+    _depth[0] += 1
+    try:
+        yield
+    finally:
+        _depth[0] -= 1
 
 
 def count_host_syncs(cuda: bool | None = None, cpu_proxies: bool = True) -> HostSyncCounter:

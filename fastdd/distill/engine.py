@@ -10,11 +10,14 @@ from fastdd.data import ClassSampler, ImageDataset
 from fastdd.distill import artifacts
 from fastdd.distill.config import DistillConfig
 from fastdd.distill.methods import build_method
+from fastdd.distill.methods.base import on_host
 from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, clamp_to_pixels, lookahead_coefficients,
                                       pixel_step_scale, plain_sgd_group, sequential_class_update)
 from fastdd.models import get_model
+from fastdd.sync import host_only
 
 CHECKPOINT = "checkpoint.pt"
+PROGRESS_EVERY = 25  # iterations between progress-bar loss reads (each one waits for the device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -46,8 +49,10 @@ class Distiller:
         self.lr = config.lr_img if config.lr_img is not None else self.method.lr_for(config.ipc)
         self.optimizer = torch.optim.SGD([self.synthetic.images], lr=self.lr, momentum=config.momentum)
         self.iteration = 0
-        self.history: dict = {"loss": [], "evaluations": [], "seconds": 0.0}
+        self.history: dict = {"loss": [], "evaluations": [], "seconds": 0.0}  # loss: floats, or 0-dim tensors
+        self._losses_read = 0  # history["loss"][:_losses_read] are floats (see read_losses)
         self._prepared = False
+        self._callback = None
         if out_dir:
             artifacts.remove_stale_temps(out_dir)
 
@@ -65,7 +70,8 @@ class Distiller:
     # ---- pieces methods compose -------------------------------------------------------------
     def new_network(self, model: str | None = None, num_classes: int | None = None, **overrides) -> torch.nn.Module:
         """A freshly initialised network, seeded from the engine's generator (global RNG untouched)."""
-        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
+        with host_only():  # a CPU-generator draw: no device involved
+            seed = int(torch.randint(0, 2**62, (1,), generator=self.generator))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             net = get_model(model or self.config.model, self.train.channels, num_classes or self.num_classes,
@@ -92,7 +98,7 @@ class Distiller:
         return idx, seg.to(self.device)
 
     def real_images(self, index: torch.Tensor) -> torch.Tensor:
-        x = self.train.normalize(self.train.images[index.cpu()], device=self.device)
+        x = self.train.normalize(self.train.images[on_host(index)], device=self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def draw_augmentation(self):
@@ -124,9 +130,10 @@ class Distiller:
         with torch.no_grad():
             return torch.cat([self.embed(net, x[i:i + step]) for i in range(0, x.shape[0], step)])
 
-    def image_step(self, loss: torch.Tensor | None = None, grad: torch.Tensor | None = None) -> float:
+    def image_step(self, loss: torch.Tensor | None = None, grad: torch.Tensor | None = None):
         """One optimiser step on the synthetic images from `loss` (backpropagated) and/or `grad` (shaped like
-        `syn.images`, i.e. the active rows); in pixel space the gradient is scaled by 1/std² per channel."""
+        `syn.images`, i.e. the active rows); in pixel space the gradient is scaled by 1/std² per channel.
+        Returns the detached loss tensor (no host read), or nan without a loss."""
         images = self.synthetic.images
         self.optimizer.zero_grad(set_to_none=True)
         if loss is not None:
@@ -137,7 +144,7 @@ class Distiller:
         if self.pixel_space and images.grad is not None:
             images.grad = images.grad * self._pixel_scale(images)
         self.optimizer.step()
-        return float(loss.detach()) if loss is not None else float("nan")
+        return loss.detach() if loss is not None else float("nan")
 
     def sequential_class_step(self, grad: torch.Tensor) -> None:
         """IDC's per-class image steps (class 0, 1, …, C−1 in turn, each an SGD-momentum step on its own
@@ -210,6 +217,7 @@ class Distiller:
     # ---- the loop -------------------------------------------------------------------------
     def run(self, callback=None) -> dict:
         cfg = self.config
+        self._callback = callback
         if not self._prepared:
             self.method.prepare(self)
             self._prepared = True
@@ -219,10 +227,12 @@ class Distiller:
             while self.iteration < cfg.iterations:
                 logs = self.run_iteration(self.iteration)
                 self.iteration += 1
-                self.history["loss"].append(float(logs.get("loss", float("nan"))))
+                loss = logs.get("loss", float("nan"))
+                self.history["loss"].append(loss.detach() if torch.is_tensor(loss) else float(loss))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{self.history['loss'][-1]:.4g}")
+                    if self.iteration % PROGRESS_EVERY == 0 or self.iteration == cfg.iterations:
+                        bar.set_postfix(loss=f"{self.read_losses()[-1]:.4g}")
                 if callback is not None:
                     callback(self, logs)
                 if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.iterations:
@@ -248,6 +258,9 @@ class Distiller:
                                     device=self.device, extra_metrics=self.evaluators or None)
         entry = {"iteration": self.iteration, **result}
         self.history["evaluations"].append(entry)
+        hook = getattr(self._callback, "on_evaluation", None)
+        if hook:
+            hook(entry)
         if self.out_dir:
             artifacts.save_grid(os.path.join(self.out_dir, f"grid_{self.iteration:06d}.png"), images, labels,
                                 self.train.mean, self.train.std)
@@ -259,7 +272,19 @@ class Distiller:
         images, labels = self.synthetic.detached()
         return decode(self, images, labels) if decode else (images, labels)
 
+    def read_losses(self) -> list:
+        """history["loss"] as floats: the tensors logged since the last read are copied to the host in one go."""
+        losses = self.history["loss"]
+        pending = losses[self._losses_read:]
+        if any(torch.is_tensor(v) for v in pending):
+            values = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device).reshape(())
+                                  for v in pending]).tolist()
+            losses[self._losses_read:] = values
+        self._losses_read = len(losses)
+        return losses
+
     def finish(self) -> dict:
+        self.read_losses()
         if not self.history["evaluations"] or self.history["evaluations"][-1]["iteration"] != self.iteration:
             self.evaluate_now()
         metrics = self.metrics()
@@ -268,7 +293,7 @@ class Distiller:
             artifacts.save_synthetic(os.path.join(self.out_dir, "synthetic.pt"), images, labels, self.train,
                                      self.config.to_dict(), extra=self.method_extra())
             artifacts.save_json(metrics, os.path.join(self.out_dir, "metrics.json"))
-            artifacts.save_loss_plot(os.path.join(self.out_dir, "loss.png"), self.history["loss"])
+            artifacts.save_curves(os.path.join(self.out_dir, "loss.png"), self.history)
             grid = os.path.join(self.out_dir, "grid.png")
             artifacts.save_grid(grid, *self.final_set(), self.train.mean, self.train.std)
         return metrics
@@ -282,7 +307,7 @@ class Distiller:
         out = {"method": self.config.method, "dataset": self.train.name, "ipc": self.config.ipc,
                "iterations": self.iteration, "seconds_per_iteration": self.history["seconds"] / its,
                "peak_memory_mb": artifacts.peak_memory_mb(self.device), "device": str(self.device),
-               "final_loss": self.history["loss"][-1] if self.history["loss"] else None,
+               "final_loss": self.read_losses()[-1] if self.history["loss"] else None,
                "evaluations": self.history["evaluations"], "config": self.config.to_dict()}
         method_metrics = getattr(self.method, "metrics", None)
         if method_metrics:
@@ -291,6 +316,7 @@ class Distiller:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self.read_losses()
         return {"iteration": self.iteration, "images": self.synthetic.images.detach().cpu(),
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                 "history": self.history, "config": self.config.to_dict(), "method": self.method.state_dict()}
@@ -302,6 +328,7 @@ class Distiller:
         self.generator.set_state(state["generator"])
         self.iteration = state["iteration"]
         self.history = state["history"]
+        self._losses_read = 0
         self.method.load_state_dict(state["method"])
 
     def save_checkpoint(self) -> str:

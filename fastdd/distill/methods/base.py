@@ -9,7 +9,7 @@ import torch
 class MethodOutput:
     loss: torch.Tensor | None = None   # the engine backpropagates it into the synthetic images
     grad: torch.Tensor | None = None   # an extra gradient added to the images' (SGS-style surgery)
-    value: float | None = None         # logged loss when `loss` is None
+    value: float | torch.Tensor | None = None  # logged loss when `loss` is None (a tensor: no host read)
     sequential_by_class: bool = False  # `grad` holds per-class gradients for IDC's C sequential class steps
     logs: dict = field(default_factory=dict)
 
@@ -61,6 +61,11 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def on_host(index: torch.Tensor) -> torch.Tensor:
+    """`index` on the CPU; host-side indices (the samplers draw there) are used as they are."""
+    return index if index.device.type == "cpu" else index.cpu()
 
 
 def parse_method_args(method: str, args_cls, values: dict):

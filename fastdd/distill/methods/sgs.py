@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from fastdd.data.domains import DomainClassSampler, domain_index, source_domains
 from fastdd.distill.methods import sgs_data  # noqa: F401  (registers rotated-mnist, colored-mnist, domain-folder)
-from fastdd.distill.methods.base import Method, MethodOutput
+from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import DMBatch, dm_batch
 from fastdd.ops import spectral_surgery
 
@@ -46,9 +46,15 @@ def domain_cotangents(real_features, real_cls, real_dom, syn_features, syn_seg, 
     seg = real_cls.to(real_features.device) * D + real_dom.to(real_features.device)
     real_to_syn = torch.arange(C * D, device=seg.device) // D
     loss, diff = torch.ops.fastdd.mean_match(real_features, seg, syn_features.detach(), syn_seg, C * D, real_to_syn)
-    n_syn = torch.bincount(syn_seg, minlength=C).clamp_min(1).to(diff.dtype)
+    n_syn = class_counts(syn_seg, C, diff.dtype).clamp_min(1)
     cot = diff.view(C, D, -1)[syn_seg] * (-2.0 / n_syn[syn_seg])[:, None, None]
     return loss.view(C, D), cot.transpose(0, 1)
+
+
+def class_counts(seg: torch.Tensor, num_classes: int, dtype=torch.float32) -> torch.Tensor:
+    """[C] rows per class, without bincount's host read of the maximum."""
+    return torch.zeros(num_classes, dtype=dtype, device=seg.device).index_add_(
+        0, seg, torch.ones(seg.shape, dtype=dtype, device=seg.device))
 
 
 def diversity_loss(features: torch.Tensor, seg: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -57,11 +63,10 @@ def diversity_loss(features: torch.Tensor, seg: torch.Tensor, num_classes: int) 
     gram = f @ f.T
     same = (seg[:, None] == seg[None, :]) & ~torch.eye(len(seg), dtype=torch.bool, device=seg.device)
     sums = torch.zeros(num_classes, device=f.device).index_add(0, seg, (gram * same).sum(1))
-    n = torch.bincount(seg, minlength=num_classes).float()
-    valid = n >= 2
-    if not bool(valid.any()):
-        return (f * 0).sum()
-    return (sums[valid] / (n[valid] * (n[valid] - 1))).mean()
+    n = class_counts(seg, num_classes)
+    valid = (n >= 2).to(f.dtype)  # masked, not indexed: the number of valid classes stays on the device
+    per_class = sums / (n * (n - 1)).clamp_min(1)
+    return (per_class * valid).sum() / valid.sum().clamp_min(1)
 
 
 class SGS(Method):
@@ -144,7 +149,7 @@ class SGS(Method):
         return batch, lambda cot: torch.func.vmap(vjp)(cot)[0]
 
     def domain_of(self, engine, real_index):
-        return self.position[engine.train.domains[real_index.cpu()]].to(engine.device)
+        return self.position[engine.train.domains[on_host(real_index)]].to(engine.device)
 
     def compute(self, engine, iteration: int) -> MethodOutput:
         a, C, D = self.args, engine.num_classes, self.D
@@ -155,7 +160,7 @@ class SGS(Method):
         if self.plain:  # λ_sh = λ_div = 0: exactly the base method's step
             with torch.no_grad():
                 per_cd, _ = domain_cotangents(batch.real_features, batch.real_seg, real_dom, feats, batch.syn_seg, C, D)
-            return MethodOutput(loss=loss, logs={"domain_losses": per_cd.sum(0).tolist()})
+            return MethodOutput(loss=loss, logs={"domain_losses": per_cd.sum(0)})
         rows = [torch.autograd.grad(loss, feats, retain_graph=True)[0]]
         div = None
         if a.lambda_div:
@@ -165,26 +170,35 @@ class SGS(Method):
         cot = torch.cat([torch.stack(rows), cot_dom.to(feats.dtype)]) if a.lambda_sh else torch.stack(rows)
         grads = backward(cot)  # ONE batched VJP: [1 (+1) (+D), N, ch, H, W]
         update = grads[0].clone()
-        logs = {"domain_losses": per_cd.sum(0).tolist()}
+        logs = {"domain_losses": per_cd.sum(0).detach()}  # logs stay tensors: no host read in the step
         if a.lambda_div:
             update += a.lambda_div * grads[1]
-            logs["diversity"] = float(div.detach())
+            logs["diversity"] = div.detach()
         if a.lambda_sh:
             shared, _, agreement = spectral_surgery(grads[-D:].detach(), a.tau, a.gamma, a.eps,
                                                     return_agreement=True)
             update += a.lambda_sh * shared
-            logs["agreement"] = float(agreement.mean())
-            logs["shared_norm_ratio"] = float(shared.norm() / grads[-D:].mean(0).norm().clamp_min(1e-30))
+            logs["agreement"] = agreement.mean().detach()
+            logs["shared_norm_ratio"] = (shared.norm() / grads[-D:].mean(0).norm().clamp_min(1e-30)).detach()
         self.trace.append({k: v for k, v in logs.items() if k != "domain_losses"})
-        return MethodOutput(grad=update, value=float(loss.detach()), logs=logs)
+        return MethodOutput(grad=update, value=loss.detach(), logs=logs)
 
     # ---- reporting and state ---------------------------------------------------------------
+    def read_trace(self) -> list[dict]:
+        """The trace with its tensors copied to the host (one read per call)."""
+        keys = [(i, k) for i, t in enumerate(self.trace) for k, v in t.items() if torch.is_tensor(v)]
+        if keys:
+            values = torch.stack([self.trace[i][k].double().reshape(()) for i, k in keys]).tolist()
+            for (i, k), value in zip(keys, values):
+                self.trace[i][k] = value
+        return self.trace
+
     def metrics(self, engine) -> dict:
         train = engine.train
         out = {"sgs": {**self.args.__dict__, "source_domains": [train.domain_names[d] for d in self.sources],
                        "holdout_domain": None if self.holdout is None else train.domain_names[self.holdout]}}
         for key in ("agreement", "shared_norm_ratio", "diversity"):
-            values = [t[key] for t in self.trace if key in t]
+            values = [t[key] for t in self.read_trace() if key in t]
             if values:
                 out["sgs"][f"{key}_mean"] = sum(values) / len(values)
         table = domain_table(engine.history["evaluations"][-1] if engine.history["evaluations"] else {})
@@ -193,7 +207,7 @@ class SGS(Method):
         return out
 
     def state_dict(self) -> dict:
-        return {"trace": list(self.trace), "base": self.base.state_dict()}
+        return {"trace": [dict(t) for t in self.read_trace()], "base": self.base.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.trace = list(state.get("trace", []))

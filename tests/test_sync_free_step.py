@@ -1,0 +1,113 @@
+"""One DM and one SGS iteration make no host sync (CPU proxies here, CUDA sync debug mode on a GPU); lazy loss reads."""
+import json
+
+import pytest
+import torch
+
+from fastdd.data import from_tensors
+from fastdd.data.domains import rotated_mnist
+from fastdd.distill import Distiller, build_config
+from fastdd.distill.methods.sgs_data import domain_generalization_data
+from fastdd.sync import count_host_syncs
+
+FAST = ["progress=false", "model=ConvNetW32", "eval_models=ConvNetW32", "eval_epochs=1", "eval_num_models=1",
+        "ipc=3", "batch_real=15"]
+CPU = ["device=cpu", "dsa_strategy="]  # the CPU DSA path reads bucket sizes on the host by design; the GPU one is masked
+SGS_VARIANTS = [[], ["lambda_sh=0", "lambda_div=0"], ["lambda_div=0", "gamma=2.0"]]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    g = torch.Generator().manual_seed(0)
+    return from_tensors(torch.randint(0, 256, (360, 1, 12, 12), dtype=torch.uint8, generator=g),
+                        torch.arange(360) % 3, num_classes=3, mean=(0.5,), std=(0.3,))
+
+
+@pytest.fixture(scope="module")
+def domains(digits):
+    return domain_generalization_data(rotated_mnist(digits, angles=(0, 30, 60, 90)), 90)
+
+
+def _engine(data, method, *overrides, out_dir=None):
+    cfg = build_config(overrides=[*FAST, f"method={method}", *overrides])
+    engine = Distiller(cfg, data[0], data[1], out_dir=out_dir, evaluators=data[2])
+    engine.method.prepare(engine)
+    engine._prepared = True
+    return engine
+
+
+def _syncs_of_one_iteration(engine, **counter_args):
+    engine.run_iteration(0)  # first call: lazy caches (kernels, per-device tables)
+    with count_host_syncs(**counter_args) as syncs:
+        logs = engine.run_iteration(1)
+    return syncs, logs
+
+
+def test_one_dm_iteration_makes_no_host_sync(digits):
+    engine = _engine((digits, None, ()), "dm", *CPU)
+    before = engine.synthetic.images.detach().clone()
+    syncs, logs = _syncs_of_one_iteration(engine)
+    syncs.assert_none("one DM iteration")
+    assert torch.is_tensor(logs["loss"]) and float(logs["loss"]) > 0
+    assert not torch.equal(engine.synthetic.images.detach(), before)  # the step did update the images
+
+
+@pytest.mark.parametrize("args", SGS_VARIANTS, ids=["default", "plain", "soft-mask"])
+def test_one_sgs_iteration_makes_no_host_sync(domains, args):
+    engine = _engine(domains, "sgs", *CPU, *args)
+    syncs, logs = _syncs_of_one_iteration(engine)
+    syncs.assert_none(f"one SGS iteration {args}")
+    assert torch.is_tensor(logs["loss"]) and logs["domain_losses"].shape == (3,)
+    # balanced batch: μ_real(c) is the mean of the per-domain means, so by convexity (1/D)·Σ_d L_d >= L
+    assert float(logs["domain_losses"].mean()) >= float(logs["loss"]) > 0
+
+
+def test_losses_are_read_lazily_and_saved_as_floats(digits, tmp_path):
+    engine = _engine((digits, digits, ()), "dm", *CPU, "iterations=4", "eval_every=2", "checkpoint_every=2",
+                     out_dir=str(tmp_path))
+    seen, evaluated = [], []
+
+    class Recorder:
+        def __call__(self, engine, logs):
+            seen.append(logs["loss"])
+
+        def on_evaluation(self, entry):
+            evaluated.append(entry)
+
+    metrics = engine.run(callback=Recorder())
+    expected = [float(t) for t in seen]
+    assert all(torch.is_tensor(t) for t in seen) and len(expected) == 4
+    assert engine.history["loss"] == expected and all(type(v) is float for v in engine.history["loss"])
+    assert metrics["final_loss"] == expected[-1]
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["final_loss"] == expected[-1]
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert checkpoint["history"]["loss"] == expected
+    assert [e["iteration"] for e in evaluated] == [2, 4]
+    assert evaluated == engine.history["evaluations"]
+
+
+def test_sgs_trace_is_read_once_into_floats(domains):
+    engine = _engine(domains, "sgs", *CPU)
+    logs = [engine.run_iteration(i) for i in range(2)]
+    state = engine.method.state_dict()
+    expected = [float(entry["agreement"]) for entry in logs]
+    assert [t["agreement"] for t in state["trace"]] == expected
+    assert all(type(t["diversity"]) is float for t in state["trace"])
+    metrics = engine.method.metrics(engine)["sgs"]
+    assert metrics["agreement_mean"] == pytest.approx(sum(expected) / 2, rel=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_dm_iteration_makes_no_cuda_sync(digits):
+    engine = _engine((digits, None, ()), "dm", "device=cuda")  # with the default DSA (masked GPU path)
+    syncs, _ = _syncs_of_one_iteration(engine, cuda=True)
+    syncs.assert_none("one DM iteration on CUDA")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("args", SGS_VARIANTS, ids=["default", "plain", "soft-mask"])
+def test_one_sgs_iteration_makes_no_cuda_sync(domains, args):
+    engine = _engine(domains, "sgs", "device=cuda", *args)
+    syncs, _ = _syncs_of_one_iteration(engine, cuda=True)
+    syncs.assert_none(f"one SGS iteration {args} on CUDA")
