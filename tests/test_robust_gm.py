@@ -106,3 +106,22 @@ def test_losses_and_gradient_match_per_cluster_autograd_loop(digits, distance, a
     torch.testing.assert_close(out.value * C, float(ref.detach()), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.grad, torch.autograd.grad(ref, syn)[0], rtol=1e-9, atol=1e-12)
     assert out.sequential_by_class
+
+
+def test_one_cluster_full_risk_is_gm_with_decoding_and_augmentation(digits):
+    # K = 1, β = 1: L_{c,0} = L_c and CVaR of one value is that value, so the step is gm's step (factor 2,
+    # IDC augmentation and the synthetic selection drawn as gm draws them)
+    torch.set_num_threads(1)
+    extra = ["batch_syn_max=4", "ipc=3"]
+    gm, rob = _engine(digits, *extra, method="gm"), _engine(digits, *extra, "base=gm", "beta=1", "k=1", "alpha=0.3")
+    rob.method.cluster_ids = torch.zeros(len(digits), dtype=torch.long)
+    rob.method.clustered_at = 0
+    outs = []
+    for engine in (gm, rob):
+        engine.method.prepare(engine)
+        state = engine.method.begin_iteration(engine, 1)
+        outs.append(engine.method.compute_inner(engine, 1, state, 0))
+    torch.testing.assert_close(outs[1].grad, outs[0].grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(outs[1].value, outs[0].value, rtol=1e-5, atol=0)
+    assert outs[1].logs["empty_cells"] == 0 and outs[1].logs["cvar"] == pytest.approx(outs[0].value * 10, rel=1e-5)
+    assert torch.equal(gm.generator.get_state(), rob.generator.get_state())
