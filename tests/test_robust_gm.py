@@ -1,4 +1,4 @@
-"""Robust DD on GM: β = 0 is gm bit for bit; L_c, L_{c,k} and the image gradient vs a per-(class, cluster) autograd loop."""
+"""Robust DD on GM: β = 0 is gm bit for bit; L_c, L_{c,k}, image gradient vs a per-cluster autograd loop; resume."""
 import io
 
 import pytest
@@ -71,7 +71,8 @@ def _oracle(net, params, real, seg, cluster, syn, syn_seg, C, K, alpha, beta, di
     return total, class_losses, losses
 
 
-@pytest.mark.parametrize("distance,alpha,beta,chunk", [("idc", 0.5, 1.0, 0), ("cos", 0.4, 1.0, 0), ("idc", 0.7, 0.3, 3)])
+@pytest.mark.parametrize("distance,alpha,beta,chunk", [("idc", 0.5, 1.0, 0), ("cos", 0.4, 1.0, 0),
+                                                        ("idc", 0.7, 0.3, 3)])
 def test_losses_and_gradient_match_per_cluster_autograd_loop(digits, distance, alpha, beta, chunk):
     torch.set_num_threads(1)
     K, C = 3, 10
