@@ -284,7 +284,6 @@ class Distiller:
         return losses
 
     def finish(self) -> dict:
-        self.read_losses()
         if not self.history["evaluations"] or self.history["evaluations"][-1]["iteration"] != self.iteration:
             self.evaluate_now()
         metrics = self.metrics()
