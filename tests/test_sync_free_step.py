@@ -7,6 +7,7 @@ import torch
 from fastdd.data import from_tensors
 from fastdd.data.domains import rotated_mnist
 from fastdd.distill import Distiller, build_config
+from fastdd.distill.methods.sgs import diversity_loss
 from fastdd.distill.methods.sgs_data import domain_generalization_data
 from fastdd.sync import count_host_syncs
 
@@ -98,6 +99,16 @@ def test_sgs_trace_is_read_once_into_floats(domains):
     state = engine.method.state_dict()
     assert [t["agreement"] for t in state["trace"]] == expected + [float(logs[2]["agreement"])]
     assert all(type(t["agreement"]) is float and type(t["diversity"]) is float for t in state["trace"])
+
+
+def test_diversity_loss_without_pairs_is_zero_with_zero_gradient():
+    features = torch.tensor([[1.0, 2.0], [3.0, -1.0], [0.5, 0.5]], requires_grad=True)
+    loss = diversity_loss(features, torch.tensor([0, 1, 2]), 3)  # one image per class: no pair anywhere
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and torch.equal(features.grad, torch.zeros(3, 2))
+    # mixed: the singleton class 1 does not enter the mean; class 0's one pair has cosine 1
+    pair_and_singleton = torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 3.0]])
+    assert float(diversity_loss(pair_and_singleton, torch.tensor([0, 0, 1]), 2)) == pytest.approx(1.0, abs=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -64,9 +64,9 @@ def diversity_loss(features: torch.Tensor, seg: torch.Tensor, num_classes: int) 
     same = (seg[:, None] == seg[None, :]) & ~torch.eye(len(seg), dtype=torch.bool, device=seg.device)
     sums = torch.zeros(num_classes, device=f.device).index_add(0, seg, (gram * same).sum(1))
     n = class_counts(seg, num_classes)
-    valid = (n >= 2).to(f.dtype)  # masked, not indexed: the number of valid classes stays on the device
-    per_class = sums / (n * (n - 1)).clamp_min(1)
-    return (per_class * valid).sum() / valid.sum().clamp_min(1)
+    valid = (n >= 2).to(f.dtype)  # counted, not indexed: the number of valid classes stays on the device
+    per_class = sums / (n * (n - 1)).clamp_min(1)  # classes with < 2 images have no pairs: sums = 0
+    return per_class.sum() / valid.sum().clamp_min(1)
 
 
 class SGS(Method):
