@@ -88,6 +88,21 @@ def test_losses_are_read_lazily_and_saved_as_floats(digits, tmp_path):
     assert evaluated == engine.history["evaluations"]
 
 
+def test_resumed_run_has_the_same_float_losses_and_images(digits, tmp_path):
+    straight = _engine((digits, None, ()), "dm", *CPU, "iterations=4")
+    straight.run()
+    first = _engine((digits, None, ()), "dm", *CPU, "iterations=2", "checkpoint_every=2", out_dir=str(tmp_path))
+    first.run()
+    resumed = _engine((digits, None, ()), "dm", *CPU, "iterations=3")
+    resumed.run()  # an engine that ran past the checkpoint: its own read position must not survive the load
+    resumed.config.iterations = 4
+    resumed.load_state_dict(torch.load(tmp_path / "checkpoint.pt", weights_only=False))
+    resumed.run()
+    assert resumed.history["loss"] == straight.history["loss"]
+    assert all(type(v) is float for v in resumed.history["loss"]) and len(resumed.history["loss"]) == 4
+    assert torch.equal(resumed.synthetic.images, straight.synthetic.images)
+
+
 def test_sgs_trace_is_read_once_into_floats(domains):
     engine = _engine(domains, "sgs", *CPU)
     logs = [engine.run_iteration(i) for i in range(2)]
