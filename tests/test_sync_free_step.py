@@ -13,7 +13,8 @@ from fastdd.sync import count_host_syncs
 
 FAST = ["progress=false", "model=ConvNetW32", "eval_models=ConvNetW32", "eval_epochs=1", "eval_num_models=1",
         "ipc=3", "batch_real=15"]
-CPU = ["device=cpu", "dsa_strategy="]  # the CPU DSA path reads bucket sizes on the host by design; the GPU one is masked
+# no DSA on the CPU: its CPU path reads bucket sizes on the host by design (the GPU path is masked)
+CPU = ["device=cpu", "dsa_strategy="]
 SGS_VARIANTS = [[], ["lambda_sh=0", "lambda_div=0"], ["lambda_div=0", "gamma=2.0"]]
 
 
@@ -83,7 +84,8 @@ def test_losses_are_read_lazily_and_saved_as_floats(digits, tmp_path):
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["final_loss"] == expected[-1]
     checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert checkpoint["history"]["loss"] == expected[:3] and all(type(v) is float for v in checkpoint["history"]["loss"])
+    saved_losses = checkpoint["history"]["loss"]
+    assert saved_losses == expected[:3] and all(type(v) is float for v in saved_losses)
     assert [e["iteration"] for e in evaluated] == [2, 4]
     assert evaluated == engine.history["evaluations"]
 
