@@ -1,6 +1,8 @@
 """Run logging: TensorBoard scalar events (loss, evaluation accuracy, seconds per iteration) for long runs."""
 import time
 
+import torch
+
 
 class TensorBoardLogger:
     """Engine callback writing scalars under `log_dir`: pass it as `Distiller.run(callback=logger)` and call
@@ -26,7 +28,9 @@ class TensorBoardLogger:
         step = engine.iteration
         self.writer.add_scalar("loss", float(logs.get("loss", float("nan"))), step)
         for key, value in logs.items():
-            if key != "loss" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            scalar = (isinstance(value, (int, float)) and not isinstance(value, bool)) or (
+                isinstance(value, torch.Tensor) and value.dim() == 0)
+            if key != "loss" and scalar:
                 self.writer.add_scalar(f"method/{key}", float(value), step)
         if self._last_time is not None:
             self.writer.add_scalar("seconds_per_iteration", now - self._last_time, step)
