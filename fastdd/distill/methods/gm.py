@@ -86,12 +86,12 @@ def gradient_distance(real: list, syn: list, distance: str) -> torch.Tensor:
     return total
 
 
-def _fp32(grads: list) -> list:
+def fp32(grads: list) -> list:
     """Distances in at least fp32 (bf16-autocast gradients are upcast; fp32/fp64 ones kept)."""
     return [g.float() if g.dtype in (torch.bfloat16, torch.float16) else g for g in grads]
 
 
-def _segments(seg: torch.Tensor, num_classes: int) -> tuple[list[int], list[int]]:
+def segments(seg: torch.Tensor, num_classes: int) -> tuple[list[int], list[int]]:
     counts = torch.bincount(seg.cpu(), minlength=num_classes).tolist()
     starts = [sum(counts[:c]) for c in range(num_classes)]
     return counts, starts
@@ -185,14 +185,25 @@ class GM(Method):
     def match_grad(self, engine, grads, real_index, real_seg, draw, select) -> tuple[torch.Tensor, float]:
         """Per-class matching losses on all classes -> (∂ Σ_c loss_c / ∂ images, mean class loss). With
         step_per_class, class c's rows are read where its sequential step finds them."""
-        a, C = self.args, engine.num_classes
+        C = engine.num_classes
         real = self.augment(engine, engine.real_images(real_index), real_seg, draw)
-        real_y = real_seg.to(real.device)
-        r_counts, r_starts = _segments(real_seg, C)
-        images = engine.class_step_images() if a.step_per_class else engine.syn.images.detach()
-        s_counts, s_starts = _segments(engine.syn.seg, C)
-        grad_images = torch.zeros_like(images)
+        grad_images = torch.zeros_like(engine.syn.images.detach())
         class_loss = [0.0] * C
+        for chunk, rows, x, g_real, g_syn, _ in self.match_chunks(engine, grads, real, real_seg, select, draw):
+            per_class = [gradient_distance(fp32(gr), fp32(gs), self.args.distance) for gr, gs in zip(g_real, g_syn)]
+            grad_images[rows] = torch.autograd.grad(torch.stack(per_class).sum(), x)[0].to(grad_images.dtype)
+            for c, value in zip(chunk, per_class):
+                class_loss[c] = float(value.detach())
+        return grad_images, sum(class_loss) / C
+
+    def match_chunks(self, engine, grads, real, real_seg, select, draw):
+        """Per class chunk: (chunk, synthetic rows, x = those rows' images as a grad leaf, real class gradients,
+        synthetic class gradients with graph to x, real row span (lo, hi)); real rows are class-major."""
+        C = engine.num_classes
+        real_y = real_seg.to(real.device)
+        r_counts, r_starts = segments(real_seg, C)
+        images = engine.class_step_images() if self.args.step_per_class else engine.syn.images.detach()
+        s_counts, s_starts = segments(engine.syn.seg, C)
         for chunk in self.chunks(engine, r_counts, s_counts):
             lo, hi = r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]
             with engine._autocast():
@@ -202,11 +213,7 @@ class GM(Method):
             syn, syn_y, n_syn = self.syn_batch(engine, x, engine.syn.seg[rows], chunk, select, draw)
             with engine._autocast():
                 g_syn = grads(syn, syn_y, n_syn, create_graph=True)
-            per_class = [gradient_distance(_fp32(gr), _fp32(gs), a.distance) for gr, gs in zip(g_real, g_syn)]
-            grad_images[rows] = torch.autograd.grad(torch.stack(per_class).sum(), x)[0].to(grad_images.dtype)
-            for c, value in zip(chunk, per_class):
-                class_loss[c] = float(value.detach())
-        return grad_images, sum(class_loss) / C
+            yield chunk, rows, x, g_real, g_syn, (lo, hi)
 
     def syn_batch(self, engine, x, seg, chunk, select, draw):
         """Decode the chunk's stored images, keep each class's selected decoded images, augment (siamese)."""

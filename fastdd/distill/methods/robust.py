@@ -35,7 +35,7 @@ from fastdd.cluster import batched_kmeans
 from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput
 from fastdd.distill.methods.dm import DM, dm_batch, dm_class_losses
-from fastdd.distill.methods.gm import GM, _fp32, _segments, gradient_distance
+from fastdd.distill.methods.gm import GM, fp32, gradient_distance
 from fastdd.ops import cvar, kmeans_assign, mean_match
 
 ASSIGNMENTS = ("kmeans", "nearest-synthetic")
@@ -248,25 +248,15 @@ class Robust(Method):
         real_cells, cell_y = real[order], real_y[order]
         present = torch.bincount(cell, minlength=C * K).view(C, K) > 0
         cell_counts = torch.bincount(cell, minlength=C * K).tolist()
-        r_counts, r_starts = _segments(real_seg, C)
-        images = engine.class_step_images() if gm.args.step_per_class else engine.syn.images.detach()
-        s_counts, s_starts = _segments(engine.syn.seg, C)
-        grad_images = torch.zeros_like(images)
+        grad_images = torch.zeros_like(engine.syn.images.detach())
         class_losses, losses = torch.zeros(C, dtype=torch.float64), torch.zeros(C, K, dtype=torch.float64)
 
         def distance(r, s):
-            return gradient_distance(_fp32(r), _fp32(s), gm.args.distance)
-        for chunk in gm.chunks(engine, r_counts, s_counts):
-            lo, hi = r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]
+            return gradient_distance(fp32(r), fp32(s), gm.args.distance)
+        for chunk, rows, x, g_real, g_syn, (lo, hi) in gm.match_chunks(engine, grads, real, real_seg, select, draw):
             cells = [c * K + k for c in chunk for k in range(K) if cell_counts[c * K + k]]
             with engine._autocast():
-                g_real = grads(real[lo:hi], real_y[lo:hi], [r_counts[c] for c in chunk], create_graph=False)
                 g_cells = grads(real_cells[lo:hi], cell_y[lo:hi], [cell_counts[i] for i in cells], create_graph=False)
-            rows = slice(s_starts[chunk[0]], s_starts[chunk[-1]] + s_counts[chunk[-1]])
-            x = images[rows].detach().requires_grad_(True)
-            syn, syn_y, n_syn = gm.syn_batch(engine, x, engine.syn.seg[rows], chunk, select, draw)
-            with engine._autocast():
-                g_syn = grads(syn, syn_y, n_syn, create_graph=True)
             per_class = torch.stack([distance(gr, gs) for gr, gs in zip(g_real, g_syn)])
             per_cell = torch.stack([distance(gr, g_syn[i // K - chunk[0]]) for i, gr in zip(cells, g_cells)])
             slots = torch.tensor([i - chunk[0] * K for i in cells], device=per_cell.device)
