@@ -106,7 +106,7 @@ def test_losses_and_gradient_match_per_cluster_autograd_loop(digits, distance, a
     assert out.logs["empty_cells"] == int((~expect_present).sum())
     torch.testing.assert_close(class_losses, ref_class, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(losses, ref_losses, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(out.value * C, float(ref.detach()), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(float(out.value) * C, float(ref.detach()), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(out.grad, torch.autograd.grad(ref, syn)[0], rtol=1e-9, atol=1e-12)
     assert out.sequential_by_class
 
@@ -126,7 +126,7 @@ def test_one_cluster_full_risk_is_gm_with_decoding_and_augmentation(digits):
         outs.append(engine.method.compute_inner(engine, 1, state, 0))
     torch.testing.assert_close(outs[1].grad, outs[0].grad, rtol=1e-5, atol=1e-8)
     torch.testing.assert_close(outs[1].value, outs[0].value, rtol=1e-5, atol=0)
-    assert outs[1].logs["empty_cells"] == 0 and outs[1].logs["cvar"] == pytest.approx(outs[0].value * 10, rel=1e-5)
+    assert outs[1].logs["empty_cells"] == 0 and outs[1].logs["cvar"] == pytest.approx(float(outs[0].value) * 10, rel=1e-5)
     assert torch.equal(gm.generator.get_state(), rob.generator.get_state())
 
 

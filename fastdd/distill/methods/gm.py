@@ -182,19 +182,19 @@ class GM(Method):
         keys = torch.rand(engine.num_classes, m, generator=engine.generator)
         return keys.argsort(dim=1)[:, :self.args.batch_syn_max]
 
-    def match_grad(self, engine, grads, real_index, real_seg, draw, select) -> tuple[torch.Tensor, float]:
+    def match_grad(self, engine, grads, real_index, real_seg, draw, select) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-class matching losses on all classes -> (∂ Σ_c loss_c / ∂ images, mean class loss). With
         step_per_class, class c's rows are read where its sequential step finds them."""
         C = engine.num_classes
         real = self.augment(engine, engine.real_images(real_index), real_seg, draw)
         grad_images = torch.zeros_like(engine.syn.images.detach())
-        class_loss = [0.0] * C
-        for chunk, rows, x, g_real, g_syn, _ in self.match_chunks(engine, grads, real, real_seg, select, draw):
-            per_class = [gradient_distance(fp32(gr), fp32(gs), self.args.distance) for gr, gs in zip(g_real, g_syn)]
-            grad_images[rows] = torch.autograd.grad(torch.stack(per_class).sum(), x)[0].to(grad_images.dtype)
-            for c, value in zip(chunk, per_class):
-                class_loss[c] = float(value.detach())
-        return grad_images, sum(class_loss) / C
+        total = torch.zeros((), dtype=torch.float64, device=grad_images.device)  # read lazily: no sync per step
+        for _, rows, x, g_real, g_syn, _ in self.match_chunks(engine, grads, real, real_seg, select, draw):
+            per_class = torch.stack([gradient_distance(fp32(gr), fp32(gs), self.args.distance)
+                                     for gr, gs in zip(g_real, g_syn)])
+            grad_images[rows] = torch.autograd.grad(per_class.sum(), x)[0].to(grad_images.dtype)
+            total = total + per_class.detach().double().sum()
+        return grad_images, total / C
 
     def match_chunks(self, engine, grads, real, real_seg, select, draw):
         """Per class chunk: (chunk, synthetic rows, x = those rows' images as a grad leaf, real class gradients,

@@ -227,7 +227,7 @@ class Robust(Method):
                 "worst_cluster_loss": float(losses.masked_fill(~present, float("-inf")).max()),
                 "empty_cells": int((~present).sum())}
         self._log(**logs)
-        return MethodOutput(grad=grad, value=float(objective) / engine.num_classes,
+        return MethodOutput(grad=grad, value=objective / engine.num_classes,
                             sequential_by_class=gm.args.step_per_class, logs=logs)
 
     def after_step(self, engine, iteration: int, state, inner: int) -> None:
