@@ -208,7 +208,7 @@ def test_gm_matches_under_the_engines_autocast(three):
             engine._autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
         engine.method.prepare(engine)
         before = engine.synthetic.images.detach().clone()
-        losses.append(engine.run_iteration(0)["loss"])
+        losses.append(float(engine.run_iteration(0)["loss"]))
         updates.append((engine.synthetic.images.detach() - before).flatten())
         assert engine.synthetic.images.dtype == torch.float32
     cosine = float(updates[0] @ updates[1] / (updates[0].norm() * updates[1].norm()))
@@ -226,7 +226,7 @@ def test_gm_bf16_autocast_matches_fp32_on_cuda(three):
                            three)
         engine.method.prepare(engine)
         before = engine.synthetic.images.detach().clone()
-        losses.append(engine.run_iteration(0)["loss"])
+        losses.append(float(engine.run_iteration(0)["loss"]))
         updates.append((engine.synthetic.images.detach() - before).flatten())
     cosine = float(updates[0] @ updates[1] / (updates[0].norm() * updates[1].norm()))
     assert cosine > 0.95
