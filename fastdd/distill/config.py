@@ -27,6 +27,8 @@ class DistillConfig:
     channels_last: bool = False
     autocast_bf16: bool = False
     micro_batch: int = 256
+    memory_budget: str | int = "auto"  # bytes for activations, "8GB"/"512MiB", or auto (from free device memory / RAM)
+    image_size: int | None = None  # imagefolder datasets: side length images are prepared at (None: 64)
     seed: int = 0
     device: str = "auto"
     eval_every: int = 0
@@ -65,6 +67,11 @@ class DistillConfig:
             raise ValueError(f"config key 'log' must be one of {', '.join(LOGS)}; got {self.log!r}")
         if self.lr_img is not None and not self.lr_img > 0:
             raise ValueError(f"config key 'lr_img' must be > 0, got {self.lr_img!r}")
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 8):
+            raise ValueError(f"config key 'image_size' must be an integer >= 8 or null, got {self.image_size!r}")
+        from fastdd.distill.memory import parse_budget
+        parse_budget(self.memory_budget)  # raises naming the key
         if isinstance(self.eval_models, str):
             self.eval_models = [m for m in self.eval_models.split(",") if m]
         if not isinstance(self.method_args, dict):

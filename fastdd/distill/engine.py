@@ -9,6 +9,7 @@ from fastdd.augment import SiameseAugment
 from fastdd.data import ClassSampler, ImageDataset
 from fastdd.distill import artifacts
 from fastdd.distill.config import DistillConfig
+from fastdd.distill.memory import ChunkPlan, activation_bytes_per_row, plan_chunks, resolve_budget
 from fastdd.distill.methods import build_method
 from fastdd.distill.methods.base import on_host
 from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, clamp_to_pixels, lookahead_coefficients,
@@ -53,6 +54,8 @@ class Distiller:
         self._losses_read = 0  # history["loss"][:_losses_read] are floats (see read_losses)
         self._prepared = False
         self._callback = None
+        self.memory_budget = resolve_budget(config.memory_budget, self.device)  # bytes for activations
+        self._row_bytes: dict = {}  # (model, grad, forward) -> activation bytes per input row
         if out_dir:
             artifacts.remove_stale_temps(out_dir)
 
@@ -100,6 +103,22 @@ class Distiller:
     def real_images(self, index: torch.Tensor) -> torch.Tensor:
         x = self.train.normalize(self.train.images[on_host(index)], device=self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def row_bytes(self, net, grad: bool, forward=None, key=None) -> int:
+        """Activation bytes one input row costs `net` (measured once per model/grad/forward `key`)."""
+        key = (type(net).__name__, getattr(net, "name", None), grad, key)
+        if key not in self._row_bytes:
+            sample = torch.zeros(1, self.train.channels, *self.train.image_size, device=self.device)
+            self._row_bytes[key] = activation_bytes_per_row(net, sample, grad, forward)
+        return self._row_bytes[key]
+
+    def chunk_plan(self, net, rows_per_class: list[int], real_rows_per_class: list[int], grad_real: bool = False,
+                   forward=None, key=None, reserved: int = 0) -> ChunkPlan:
+        """Consecutive class chunks whose gradient-carrying rows fit `memory_budget` (one chunk when all fit),
+        and how many real rows one forward may take; rows_per_class counts the inputs that carry gradients."""
+        grad_bytes = self.row_bytes(net, True, forward, key)
+        real_bytes = self.row_bytes(net, grad_real, forward, key)
+        return plan_chunks(self.memory_budget, rows_per_class, grad_bytes, real_rows_per_class, real_bytes, reserved)
 
     def draw_augmentation(self):
         if self.augmenter is None:
