@@ -13,6 +13,19 @@ def matched_parameters(net: nn.Module, distance: str) -> list[tuple[str, nn.Para
     return [(name, p) for name, p in net.named_parameters() if p.dim() >= min_dim]
 
 
+def real_pass(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A real-rows pass as gm runs it (first-order: CE whose backward gives weight gradients); a `forward`
+    for measuring activation bytes per row (engine.row_bytes)."""
+    x = x.to(next(net.parameters()).dtype)
+    return F.cross_entropy(net(x), torch.zeros(x.shape[0], dtype=torch.long, device=x.device))
+
+
+def syn_pass(net: nn.Module, x: torch.Tensor, distance: str) -> tuple:
+    """A synthetic-rows pass as gm runs it: the matched weight gradients with create_graph (for measuring)."""
+    params = [p for _, p in matched_parameters(net, distance)]
+    return torch.autograd.grad(real_pass(net, x), params, create_graph=True)
+
+
 class ClassGradients:
     """grads(x, y, counts) -> one list of weight gradients per class segment, where x holds the classes'
     rows one segment after another (counts[i] rows each) and segment i's loss is CE mean over its rows.

@@ -1,4 +1,6 @@
 """Gradient matching (IDC) as engine hooks: per-class weight gradients batched over classes, pixel-space steps."""
+import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -6,7 +8,7 @@ import torch
 from fastdd.augment import IDCAugment, augment_per_sample, cutmix_loss, draw_cutmix
 from fastdd.augment.idc import parse_idc_strategy
 from fastdd.distill.methods.base import Method, MethodOutput
-from fastdd.distill.methods.class_grads import ClassGradients, matched_parameters
+from fastdd.distill.methods.class_grads import ClassGradients, matched_parameters, real_pass, syn_pass
 from fastdd.distill.methods.multiformation import decode_for, mix_images
 
 DISTANCES = ("cos", "idc", "idc_l1")
@@ -69,6 +71,21 @@ class GMIteration:
     net: torch.nn.Module
     grads: ClassGradients
     optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class MatchChunk:
+    chunk: list[int]              # consecutive class ids
+    rows: slice                   # their rows of syn.images
+    x: torch.Tensor               # those rows' images, a grad leaf
+    g_real: list                  # per class: real weight gradients (no graph)
+    g_syn: list                   # per class: synthetic weight gradients (graph to x)
+    real: torch.Tensor            # the chunk's real rows, normalised and augmented
+    real_y: torch.Tensor          # their classes
+    span: tuple[int, int]         # their span (lo, hi) in the step's class-major real batch
+
+
+SYN_GRAPH_FACTOR = 2  # a create_graph pass's decoded row: its saved graph, and the second-order backward again
 
 
 def gradient_distance(real: list, syn: list, distance: str) -> torch.Tensor:
@@ -183,37 +200,41 @@ class GM(Method):
         return keys.argsort(dim=1)[:, :self.args.batch_syn_max]
 
     def match_grad(self, engine, grads, real_index, real_seg, draw, select) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-class matching losses on all classes -> (∂ Σ_c loss_c / ∂ images, mean class loss). With
-        step_per_class, class c's rows are read where its sequential step finds them."""
+        """Per-class matching losses on all classes -> (∂ Σ_c loss_c / ∂ images, mean class loss), one class
+        chunk at a time (losses are per class, so the chunked sum is the one-pass sum). With step_per_class,
+        class c's rows are read where its sequential step finds them."""
         C = engine.num_classes
-        real = self.augment(engine, engine.real_images(real_index), real_seg, draw)
         grad_images = torch.zeros_like(engine.syn.images.detach())
         total = torch.zeros((), dtype=torch.float64, device=grad_images.device)  # read lazily: no sync per step
-        for _, rows, x, g_real, g_syn, _ in self.match_chunks(engine, grads, real, real_seg, select, draw):
+        for m in self.match_chunks(engine, grads, real_index, real_seg, select, draw):
             per_class = torch.stack([gradient_distance(fp32(gr), fp32(gs), self.args.distance)
-                                     for gr, gs in zip(g_real, g_syn)])
-            grad_images[rows] = torch.autograd.grad(per_class.sum(), x)[0].to(grad_images.dtype)
+                                     for gr, gs in zip(m.g_real, m.g_syn)])
+            grad_images[m.rows] = torch.autograd.grad(per_class.sum(), m.x)[0].to(grad_images.dtype)
             total = total + per_class.detach().double().sum()
         return grad_images, total / C
 
-    def match_chunks(self, engine, grads, real, real_seg, select, draw):
-        """Per class chunk: (chunk, synthetic rows, x = those rows' images as a grad leaf, real class gradients,
-        synthetic class gradients with graph to x, real row span (lo, hi)); real rows are class-major."""
+    def match_chunks(self, engine, grads, real_index, real_seg, select, draw):
+        """Per class chunk (see `chunks`) a MatchChunk: the chunk's real rows gathered, normalised and augmented
+        (the aug draw is per class, so per-chunk application gives the one-pass values), their class
+        gradients, and the synthetic rows as a grad leaf with their class gradients (graph to x).
+        Real rows are class-major (sample_real_index), so a chunk's rows are one span."""
         C = engine.num_classes
-        real_y = real_seg.to(real.device)
         r_counts, r_starts = segments(real_seg, C)
         images = engine.class_step_images() if self.args.step_per_class else engine.syn.images.detach()
         s_counts, s_starts = segments(engine.syn.seg, C)
-        for chunk in self.chunks(engine, r_counts, s_counts):
+        for chunk in self.chunks(engine, grads.net, r_counts, s_counts, select):
             lo, hi = r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]
+            seg = real_seg[lo:hi]
+            real = self.augment(engine, engine.real_images(real_index[lo:hi]), seg, draw)
+            real_y = seg.to(real.device)
             with engine._autocast():
-                g_real = grads(real[lo:hi], real_y[lo:hi], [r_counts[c] for c in chunk], create_graph=False)
+                g_real = grads(real, real_y, [r_counts[c] for c in chunk], create_graph=False)
             rows = slice(s_starts[chunk[0]], s_starts[chunk[-1]] + s_counts[chunk[-1]])
             x = images[rows].detach().requires_grad_(True)
             syn, syn_y, n_syn = self.syn_batch(engine, x, engine.syn.seg[rows], chunk, select, draw)
             with engine._autocast():
                 g_syn = grads(syn, syn_y, n_syn, create_graph=True)
-            yield chunk, rows, x, g_real, g_syn, (lo, hi)
+            yield MatchChunk(chunk, rows, x, g_real, g_syn, real, real_y, (lo, hi))
 
     def syn_batch(self, engine, x, seg, chunk, select, draw):
         """Decode the chunk's stored images, keep each class's selected decoded images, augment (siamese)."""
@@ -226,24 +247,46 @@ class GM(Method):
         n = per_class if select is None else select.shape[1]
         return self.augment(engine, decoded, labels, draw), labels.to(decoded.device), [n] * len(chunk)
 
-    def chunks(self, engine, r_counts, s_counts) -> list[list[int]]:
+    def chunks(self, engine, net, r_counts, s_counts, select=None) -> list[list[int]]:
+        """Consecutive classes with real and synthetic rows (a class with none is skipped), split where the
+        memory plan splits (`plan`), and capped at class_chunk classes (0: none on CUDA; on CPU ~128 rows,
+        as large batches lose to cache-sized ones there, see benchmarks/bench_gm_iteration.py)."""
         C = engine.num_classes
         size = self.args.class_chunk
         if not size:
             if engine.device.type == "cuda":
                 size = C
-            else:  # on CPU large batches lose to cache-sized ones (see benchmarks/bench_gm_iteration.py)
+            else:
                 rows = max(max(r_counts), max(s_counts) * self.args.factor ** 2, 1)
                 size = max(1, 128 // rows)
-        runs, run = [], []  # consecutive classes with real and synthetic rows (a class with none is skipped)
-        for c in range(C):
-            if r_counts[c] and s_counts[c] and len(run) < size and (not run or run[-1] == c - 1):
-                run.append(c)
-                continue
+        runs = []
+        for part in self.plan(engine, net, r_counts, s_counts, select).class_chunks:
+            run = []
+            for c in part:
+                if r_counts[c] and s_counts[c] and len(run) < size:
+                    run.append(c)
+                    continue
+                if run:
+                    runs.append(run)
+                run = [c] if r_counts[c] and s_counts[c] else []
             if run:
                 runs.append(run)
-            run = [c] if r_counts[c] and s_counts[c] else []
-        return runs + [run] if run else runs
+        return runs
+
+    def plan(self, engine, net, r_counts, s_counts, select=None):
+        """engine.chunk_plan over every class's gradient-carrying rows, in units of one decoded synthetic
+        row of the create_graph pass: its decoded rows (×SYN_GRAPH_FACTOR: the second-order backward through
+        the held graph allocates about as much again) plus its real rows (a first-order pass) at their
+        measured cost."""
+        f2 = self.args.factor ** 2
+        distance = self.args.distance
+        syn_forward = functools.partial(syn_pass, distance=distance)
+        key = ("gm-syn", distance)
+        syn_bytes = engine.row_bytes(net, True, syn_forward, key)
+        real_bytes = engine.row_bytes(net, True, real_pass, "gm-real")
+        decoded = [0 if not n else (select.shape[1] if select is not None else n * f2) for n in s_counts]
+        rows = [SYN_GRAPH_FACTOR * d + math.ceil(r * real_bytes / syn_bytes) for d, r in zip(decoded, r_counts)]
+        return engine.chunk_plan(net, rows, [0] * len(rows), grad_real=True, forward=syn_forward, key=key)
 
     def train_network(self, engine, net, opt) -> None:
         """IDC's net update: net_epoch passes over shuffled real data (the engine's real pool), each stopping

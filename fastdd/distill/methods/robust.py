@@ -238,32 +238,33 @@ class Robust(Method):
 
     def gm_match(self, engine, grads, real_index, real_seg, draw, select):
         """GM's matching step with the robust objective: (∂ objective / ∂ images, L_c [C], L_{c,k} [C, K],
-        present [C, K]); tables detached. Per class chunk: GM's real and synthetic gradients, plus the real
-        gradients of the chunk's non-empty (class, cluster) cells, each compared with its class's synthetic one."""
+        present [C, K]); tables detached. The objective is a sum over classes (each class's CVaR is over its
+        own clusters), so it is taken and differentiated per class chunk of gm.match_chunks: GM's real and
+        synthetic gradients, plus the real gradients of the chunk's non-empty (class, cluster) cells, each
+        compared with its class's synthetic one."""
         gm, a, C, K = self.base, self.args, engine.num_classes, self.args.k
-        real = gm.augment(engine, engine.real_images(real_index), real_seg, draw)
-        real_y = real_seg.to(real.device)
         cell = real_seg.cpu() * K + self.cluster_ids[real_index.cpu()]
-        order = torch.argsort(cell, stable=True).to(real.device)  # class-major: each class keeps its rows' span
-        real_cells, cell_y = real[order], real_y[order]
-        present = torch.bincount(cell, minlength=C * K).view(C, K) > 0
-        cell_counts = torch.bincount(cell, minlength=C * K).tolist()
+        cell_counts = torch.bincount(cell, minlength=C * K)
+        present = cell_counts.view(C, K) > 0
+        cell_counts = cell_counts.tolist()
         grad_images = torch.zeros_like(engine.syn.images.detach())
         class_losses, losses = torch.zeros(C, dtype=torch.float64), torch.zeros(C, K, dtype=torch.float64)
 
         def distance(r, s):
             return gradient_distance(fp32(r), fp32(s), gm.args.distance)
-        for chunk, rows, x, g_real, g_syn, (lo, hi) in gm.match_chunks(engine, grads, real, real_seg, select, draw):
+        for m in gm.match_chunks(engine, grads, real_index, real_seg, select, draw):
+            chunk, (lo, hi) = m.chunk, m.span
+            order = torch.argsort(cell[lo:hi], stable=True).to(m.real.device)  # the chunk's rows by cell
             cells = [c * K + k for c in chunk for k in range(K) if cell_counts[c * K + k]]
             with engine._autocast():
-                g_cells = grads(real_cells[lo:hi], cell_y[lo:hi], [cell_counts[i] for i in cells], create_graph=False)
-            per_class = torch.stack([distance(gr, gs) for gr, gs in zip(g_real, g_syn)])
-            per_cell = torch.stack([distance(gr, g_syn[i // K - chunk[0]]) for i, gr in zip(cells, g_cells)])
+                g_cells = grads(m.real[order], m.real_y[order], [cell_counts[i] for i in cells], create_graph=False)
+            per_class = torch.stack([distance(gr, gs) for gr, gs in zip(m.g_real, m.g_syn)])
+            per_cell = torch.stack([distance(gr, m.g_syn[i // K - chunk[0]]) for i, gr in zip(cells, g_cells)])
             slots = torch.tensor([i - chunk[0] * K for i in cells], device=per_cell.device)
             table = per_cell.new_zeros(len(chunk) * K).index_put((slots,), per_cell).view(len(chunk), K)
             mask = present[chunk[0]:chunk[-1] + 1].to(table.device)
             objective, _ = robust_objective(per_class, table, mask, a.alpha, a.beta)
-            grad_images[rows] = torch.autograd.grad(objective, x)[0].to(grad_images.dtype)
+            grad_images[m.rows] = torch.autograd.grad(objective, m.x)[0].to(grad_images.dtype)
             class_losses[chunk[0]:chunk[-1] + 1] = per_class.detach().double().cpu()
             losses[chunk[0]:chunk[-1] + 1] = table.detach().double().cpu()
         return grad_images, class_losses, losses, present
