@@ -7,7 +7,7 @@ from torch import nn
 from fastdd.models import MODELS, ConvBlock, ConvNet, get_model
 
 TOO_SMALL_AT_32 = {"ConvNetD6"}
-TOO_SMALL_AT_8 = {"ConvNetD4", "ConvNetD5", "ConvNetD6", "LeNet", "VGG11", "VGG11BN", "ResNet18"}
+TOO_SMALL_AT_8 = {"ConvNetD4", "ConvNetD5", "ConvNetD6", "LeNet", "VGG11", "VGG11BN", "ResNet18", "ResNetAP10"}
 SMALLEST_TRAINABLE_SIZE = {"ConvNetD5": 32, "ConvNetD6": 64, "VGG11": 32, "VGG11BN": 32}
 
 

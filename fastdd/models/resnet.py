@@ -1,5 +1,7 @@
-"""ResNet-18 (instance norm or BatchNorm) and ResNet-18BN_AP (avg-pool downsampling) of the references."""
+"""ResNet-18 / ResNet-18BN_AP of the DC references and IDC's ResNetAP-10 (avg-pool downsampling)."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -81,6 +83,69 @@ class ResNet18(nn.Module):
         if self.global_pool:
             out = F.adaptive_avg_pool2d(out, 1)
         return out.flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.embed(x))
+
+
+def idc_stem(image_side: int) -> tuple[int, int]:
+    """(conv kernel, avg-pool factor) of IDC's ResNetAP stem (snu-mllab/Efficient-Dataset-Condensation,
+    models/resnet_ap.py, ImageNet branch) for images whose larger side is `image_side`: <= 64 px "small",
+    <= 128 px "mid", larger "large". Every conv is stride 1 without bias."""
+    if image_side <= 64:
+        return 3, 1
+    if image_side <= 128:
+        return 3, 2
+    return 7, 4
+
+
+class ResNetAP10(nn.Module):
+    """IDC's ResNetAP-10: stem, four stages of one BasicBlock (widths 64/128/256/512 times `width`), stride-2
+    stages downsample by 2x2 avg-pool (after conv1 on the main path, after the 1x1 conv on the shortcut),
+    global average pool -> features, linear classifier. width=0.5 is IDC's CIFAR ResNetAP-10 (32..256)."""
+
+    def __init__(self, channels: int, num_classes: int, image_size: tuple[int, int] = (32, 32),
+                 norm: str = "instancenorm", width: float = 1.0, name: str = "ResNetAP10"):
+        super().__init__()
+        base = int(64 * width)
+        if base < 1:
+            raise ValueError(f"{name}: width must give at least one stem channel, got width={width}")
+        kernel, pool = idc_stem(max(image_size))
+        self.stem_pool = pool
+        self.stem_conv = nn.Conv2d(channels, base, kernel, stride=1, padding=kernel // 2, bias=False)
+        self.stem_norm = make_resnet_norm(norm, base)
+        height, width_px = image_size[0] // pool, image_size[1] // pool
+        stages = []
+        in_planes = base
+        for stage, planes in enumerate((base, 2 * base, 4 * base, 8 * base)):
+            stride = 1 if stage == 0 else 2
+            stages.append(BasicBlock(in_planes, planes, stride, norm, avgpool_downsample=True))
+            height, width_px = height // stride, width_px // stride
+            in_planes = planes
+        if height < 1 or width_px < 1:
+            raise ValueError(f"{name} cannot take {image_size[0]}x{image_size[1]} images (they shrink to "
+                             f"nothing after the /{pool} stem and three 2x downsamplings)")
+        if norm == "instancenorm" and height * width_px == 1:
+            raise ValueError(f"{name}: instance norm on the 1x1 final map of {image_size[0]}x{image_size[1]} "
+                             f"images is degenerate; use ResNetAP10BN or larger images")
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.feature_shape = (in_planes, height, width_px)
+        self.feature_dim = in_planes
+        self.classifier = nn.Linear(in_planes, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):  # IDC's init: He normal over fan-out (k*k*out)
+                fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+                nn.init.normal_(module.weight, 0.0, math.sqrt(2.0 / fan_out))
+
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.stem_norm(self.stem_conv(x)))
+        if self.stem_pool > 1:
+            out = F.avg_pool2d(out, kernel_size=self.stem_pool, stride=self.stem_pool)
+        return out
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return out.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.embed(x))
