@@ -1,4 +1,4 @@
-"""The `fastdd` command line: distill, evaluate, export, info."""
+"""The `fastdd` command line: distill, evaluate, export, prepare, info."""
 import argparse
 import dataclasses
 import datetime
@@ -123,6 +123,30 @@ def _export(args) -> int:
     return 0
 
 
+def _prepare(args) -> int:
+    from fastdd.data.prepare import prepare
+
+    try:
+        manifest = prepare(args.src, args.out, size=args.size, classes=args.classes, subset=args.subset,
+                           workers=args.workers, strict=args.strict, val=args.val, val_labels=args.val_labels,
+                           test_fraction=args.test_fraction, seed=args.seed, mode=args.mode, force=args.force,
+                           progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"fastdd: error: interrupted; nothing was written to {args.out}", file=sys.stderr)
+        return 130
+    if manifest["reused"]:
+        return 0
+    splits = manifest["splits"]
+    print(f"fastdd: prepared {len(manifest['classes'])} classes at {manifest['size']} px into {args.out}: "
+          f"{splits['train']['count']} train / {splits['test']['count']} test images ({manifest['test_split']}), "
+          f"{len(manifest['skipped'])} skipped")
+    for entry in manifest["skipped"][:10]:
+        print(f"  skipped {entry['path']}: {entry['reason']}")
+    if len(manifest["skipped"]) > 10:
+        print(f"  ... and {len(manifest['skipped']) - 10} more (all listed in {args.out}/manifest.json)")
+    return 0
+
+
 def _info(args) -> int:
     from fastdd.info import main
     main()
@@ -179,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--config", help="YAML file of config keys")
     d.add_argument("--method")
     d.add_argument("--dataset")
-    d.add_argument("--data-dir", dest="data_dir", help="folder with dataset files you already have")
+    d.add_argument("--data-dir", dest="data_dir", help="folder with dataset files you already have; for --dataset "
+                                                        "prepared: a `fastdd prepare` OUT, imagefolder: an image "
+                                                        "root, npz: an .npz file")
     d.add_argument("--ipc", type=int)
     d.add_argument("--iterations", type=int)
     d.add_argument("--seed", type=int)
@@ -203,8 +229,38 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="reference")
     x.add_argument("--out")
     x.set_defaults(func=_export)
+    _add_prepare_parser(sub)
     sub.add_parser("info", help="build, kernel and device report").set_defaults(func=_info)
     return p
+
+
+def _add_prepare_parser(sub) -> None:
+    from fastdd.data.subsets import SUBSETS
+    r = sub.add_parser("prepare", help="decode an image folder into memory-mapped uint8 shards (--dataset prepared)",
+                       description="Reads SRC/<class>/<image> (ImageNet's train layout works as is), resizes the "
+                                   "shorter side to --size with PIL bilinear and centre-crops (torchvision "
+                                   "Resize + CenterCrop), and writes OUT/{train,test}_{images,labels}.npy and "
+                                   "OUT/manifest.json. Rerunning with the same arguments does nothing.")
+    r.add_argument("src", help="image folder: SRC/<class>/<image>")
+    r.add_argument("out", help="output folder (written to OUT.tmp-<pid>, then renamed)")
+    r.add_argument("--size", type=int, default=64, help="side length in pixels (default 64)")
+    r.add_argument("--subset", help=f"built-in class subset: {', '.join(SUBSETS)}")
+    r.add_argument("--classes", help="class folders to keep, in label order: a comma list or a file, one per line")
+    r.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
+    r.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping it")
+    r.add_argument("--val", help="validation folder for the test split (VAL/<class>/<image>, or flat files with "
+                                 "--val-labels)")
+    r.add_argument("--val-labels", dest="val_labels", help="CSV of `image id, label` rows for a flat --val folder "
+                                                           "(ImageNet's LOC_val_solution.csv; found by itself "
+                                                           "beside or above VAL)")
+    r.add_argument("--test-fraction", dest="test_fraction", type=float,
+                   help="without --val: stratified share of SRC held out as the test split (default 0.1)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the stratified split (default 0)")
+    r.add_argument("--mode", default="RGB", choices=["RGB", "L"], help="colour mode (default RGB: grayscale "
+                                                                        "images become 3 channels)")
+    r.add_argument("--force", action="store_true", help="replace an OUT prepared with other arguments")
+    r.add_argument("--no-progress", dest="no_progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=_prepare)
 
 
 def main(argv=None) -> int:
