@@ -7,6 +7,7 @@ import torch
 
 from fastdd.augment import SiameseAugment
 from fastdd.data import ClassSampler, ImageDataset
+from fastdd.data.staging import RealStager
 from fastdd.distill import artifacts
 from fastdd.distill.config import DistillConfig
 from fastdd.distill.memory import ChunkPlan, activation_bytes_per_row, plan_chunks, resolve_budget
@@ -41,6 +42,7 @@ class Distiller:
         self.evaluators = list(evaluators)  # extra_metrics callables for the evaluation protocol
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = ClassSampler(train.labels, train.num_classes)
+        self.stager = RealStager(train, self.device)
         self.augmenter = SiameseAugment(config.dsa_strategy) if config.dsa_strategy else None
         self.synthetic = SyntheticSet.initialise(train, config.ipc, config.init, self.generator, self.device)
         self.active_rows: torch.Tensor | None = None  # a segment of the synthetic set (None: all rows)
@@ -103,6 +105,12 @@ class Distiller:
     def real_images(self, index: torch.Tensor) -> torch.Tensor:
         x = self.train.normalize(self.train.images[on_host(index)], device=self.device)
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
+
+    def real_passes(self, index: torch.Tensor, bounds: list[tuple[int, int]]):
+        """Normalised real rows index[lo:hi] for each (lo, hi) of `bounds`, in order (on CUDA through pinned
+        staging, the next pass's copy overlapping the caller's compute); values equal real_images'."""
+        for x in self.stager.passes(index, bounds):
+            yield x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def row_bytes(self, net, grad: bool, forward=None, key=None) -> int:
         """Activation bytes one input row costs `net` (measured once per model/grad/forward `key`)."""
@@ -223,6 +231,9 @@ class Distiller:
             if out.sequential_by_class:
                 self.sequential_class_step(out.grad)
                 value = float("nan")
+            elif out.backpropagated:
+                self.image_step(grad=out.grad)
+                value = out.loss
             else:
                 value = self.image_step(out.loss, out.grad)
             values.append(out.value if out.value is not None else value)

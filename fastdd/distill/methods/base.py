@@ -11,6 +11,8 @@ class MethodOutput:
     grad: torch.Tensor | None = None   # an extra gradient added to the images' (SGS-style surgery)
     value: float | torch.Tensor | None = None  # logged loss when `loss` is None (a tensor: no host read)
     sequential_by_class: bool = False  # `grad` holds per-class gradients for IDC's C sequential class steps
+    backpropagated: bool = False       # the method backpropagated `loss` itself (class chunk by class chunk):
+    #                                    `grad` is its whole image gradient, `loss` (detached) is only logged
     logs: dict = field(default_factory=dict)
 
 

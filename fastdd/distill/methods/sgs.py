@@ -9,6 +9,7 @@ cotangents w.r.t. the synthetic FEATURES ([K, N, F]; the per-domain ones in clos
 mean_match call with real_to_syn), pulled back to the images by ONE batched VJP over the one
 synthetic forward.
 """
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from fastdd.data.domains import DomainClassSampler, domain_index, source_domains
 from fastdd.distill.methods import sgs_data  # noqa: F401  (registers rotated-mnist, colored-mnist, domain-folder)
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
-from fastdd.distill.methods.dm import DMBatch, dm_batch
+from fastdd.distill.methods.dm import GradientAccumulator, dm_chunks, dm_step
 from fastdd.ops import spectral_surgery
 
 SAMPLINGS = ("balanced", "pooled")
@@ -59,6 +60,12 @@ def class_counts(seg: torch.Tensor, num_classes: int, dtype=torch.float32) -> to
 
 def diversity_loss(features: torch.Tensor, seg: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Mean over classes with >= 2 images of the mean pairwise cosine similarity of their embeddings."""
+    per_class, valid = diversity_class_terms(features, seg, num_classes)
+    return per_class.sum() / valid.sum().clamp_min(1)
+
+
+def diversity_class_terms(features: torch.Tensor, seg: torch.Tensor, num_classes: int):
+    """([C] mean pairwise cosine similarity per class (0 without pairs), [C] 1 where a class has >= 2 images)."""
     f = F.normalize(features.float(), dim=1)
     gram = f @ f.T
     same = (seg[:, None] == seg[None, :]) & ~torch.eye(len(seg), dtype=torch.bool, device=seg.device)
@@ -66,7 +73,7 @@ def diversity_loss(features: torch.Tensor, seg: torch.Tensor, num_classes: int) 
     n = class_counts(seg, num_classes)
     valid = (n >= 2).to(f.dtype)  # counted, not indexed: the number of valid classes stays on the device
     per_class = sums / (n * (n - 1)).clamp_min(1)  # classes with < 2 images have no pairs: sums = 0
-    return per_class.sum() / valid.sum().clamp_min(1)
+    return per_class, valid
 
 
 class SGS(Method):
@@ -119,69 +126,99 @@ class SGS(Method):
         self.base.prepare(engine)
 
     # ---- one step ------------------------------------------------------------------------
-    def _forward(self, engine, batched: bool):
-        """(batch, backward(cot [K, N, F]) -> [K, *images.shape]) with the generator used as DM uses it."""
-        a, images = self.args, engine.syn.images
+    def step_chunks(self, engine, batched: bool, single_chunk: bool = False):
+        """Per class chunk: (batch, backward(cot [K, n, F]) -> [K, *rows' shape]); generator use as DM's."""
+        a = self.args
         index = cls = None
         if a.sampling == "balanced":
             index, cls, _ = self.sampler.sample(self.n_per_group, generator=engine.generator)
             cls = cls.to(engine.device)
         if not batched or a.backward != "func":
-            batch = dm_batch(engine, index, cls)
-
-            def backward(cot):
+            def backward(batch, cot):
                 if a.backward == "loop":
-                    return torch.stack([torch.autograd.grad(batch.syn_features, images, c, retain_graph=True)[0]
-                                        for c in cot])
-                return torch.autograd.grad(batch.syn_features, images, cot, is_grads_batched=True)[0]
-            return batch, backward
+                    return torch.stack([torch.autograd.grad(batch.syn_features, batch.syn_input, c,
+                                                            retain_graph=True)[0] for c in cot])
+                return torch.autograd.grad(batch.syn_features, batch.syn_input, cot, is_grads_batched=True)[0]
+            for batch in dm_chunks(engine, dm_step(engine, index, cls, single_chunk)):
+                yield batch, functools.partial(backward, batch)
+            return
         # torch.func cannot transform through the fused norm_act_pool autograd: build the unfused ConvNet
         # (same parameters and generator use, numerically equal within float tolerance).
         unfused = {"fused": False} if engine.config.model.startswith("ConvNet") else {}
-        net = engine.new_network(**unfused)  # dm_batch's order of generator use: network, (pooled) sample, draw
-        if index is None:
-            index, cls = engine.sample_real_index(engine.config.batch_real)
-        draw = engine.draw_augmentation()
-        real = engine.augment(engine.real_images(index), cls, draw)
-        seg = engine.syn.seg
-        feats, vjp = torch.func.vjp(lambda s: engine.embed(net, engine.augment(s, seg, draw)), images.detach())
-        batch = DMBatch(engine.embed_real(net, real), cls, index, feats.detach().requires_grad_(True), seg)
-        return batch, lambda cot: torch.func.vmap(vjp)(cot)[0]
+        step = dm_step(engine, index, cls, single_chunk, **unfused)
+        vjps = []
+
+        def embed_syn(x, seg):
+            feats, vjp = torch.func.vjp(lambda s: engine.embed(step.net, engine.augment(s, seg, step.draw)), x.detach())
+            vjps.append(vjp)
+            return feats.detach().requires_grad_(True)
+        for batch in dm_chunks(engine, step, embed_syn):
+            vjp = vjps.pop()
+            yield batch, lambda cot, vjp=vjp: torch.func.vmap(vjp)(cot)[0]
+
+    def _forward(self, engine, batched: bool):
+        """(batch, backward) of all classes as one chunk (benchmarks and tests compare against it)."""
+        return next(self.step_chunks(engine, batched, single_chunk=True))
 
     def domain_of(self, engine, real_index):
         return self.position[engine.train.domains[on_host(real_index)]].to(engine.device)
 
     def compute(self, engine, iteration: int) -> MethodOutput:
+        """Class chunk by class chunk (every term is class-separable: the base and per-domain losses are sums over
+        classes, the diversity term a sum over classes over a count fixed by the synthetic layout, the spectral
+        surgery per image): each chunk's update goes into its rows; logs are summed over chunks."""
         a, C, D = self.args, engine.num_classes, self.D
-        batch, backward = self._forward(engine, batched=not self.plain)
-        real_dom = self.domain_of(engine, batch.real_index)
-        loss = self.base_loss(engine, batch)
-        feats = batch.syn_features
-        if self.plain:  # λ_sh = λ_div = 0: exactly the base method's step
-            with torch.no_grad():
-                per_cd, _ = domain_cotangents(batch.real_features, batch.real_seg, real_dom, feats, batch.syn_seg, C, D)
-            return MethodOutput(loss=loss, logs={"domain_losses": per_cd.sum(0)})
-        rows = [torch.autograd.grad(loss, feats, retain_graph=True)[0]]
-        div = None
+        acc = GradientAccumulator(engine)
+        sums: dict = {}
+
+        def add(key, value):
+            sums[key] = value if key not in sums else sums[key] + value
+        valid = (class_counts(engine.syn.seg, C) >= 2).float().sum().clamp_min(1)  # classes with pairs, on the device
+        spectra = 0
+        for batch, backward in self.step_chunks(engine, batched=not self.plain):
+            k = batch.num_classes
+            real_dom = self.domain_of(engine, batch.real_index)
+            loss = self.base_loss(engine, batch)
+            feats = batch.syn_features
+            if self.plain:  # λ_sh = λ_div = 0: exactly the base method's step
+                with torch.no_grad():
+                    per_cd, _ = domain_cotangents(batch.real_features, batch.real_seg, real_dom, feats,
+                                                  batch.syn_seg, k, D)
+                acc.add(batch.syn_rows, torch.autograd.grad(loss, batch.syn_input)[0], loss)
+                add("domain_losses", per_cd.sum(0))
+                continue
+            rows = [torch.autograd.grad(loss, feats, retain_graph=True)[0]]
+            if a.lambda_div:
+                div = diversity_class_terms(feats, batch.syn_seg, k)[0].sum() / valid
+                rows.append(torch.autograd.grad(div, feats, retain_graph=True)[0])
+                add("diversity", div.detach())
+            per_cd, cot_dom = domain_cotangents(batch.real_features, batch.real_seg, real_dom, feats, batch.syn_seg,
+                                                k, D)
+            cot = torch.cat([torch.stack(rows), cot_dom.to(feats.dtype)]) if a.lambda_sh else torch.stack(rows)
+            grads = backward(cot)  # ONE batched VJP: [1 (+1) (+D), n, ch, H, W]
+            update = grads[0].clone()
+            add("domain_losses", per_cd.sum(0).detach())  # logs stay tensors: no host read in the step
+            if a.lambda_div:
+                update += a.lambda_div * grads[1]
+            if a.lambda_sh:
+                shared, _, agreement = spectral_surgery(grads[-D:].detach(), a.tau, a.gamma, a.eps,
+                                                        return_agreement=True)
+                update += a.lambda_sh * shared
+                add("agreement", agreement.sum().detach())
+                spectra += agreement.numel()
+                add("shared_sq", shared.square().sum().detach())
+                add("mean_sq", grads[-D:].mean(0).square().sum().detach())
+            acc.add(batch.syn_rows, update, loss)
+        logs = {"domain_losses": sums["domain_losses"]}
+        if self.plain:
+            return acc.output(**logs)
         if a.lambda_div:
-            div = diversity_loss(feats, batch.syn_seg, C)
-            rows.append(torch.autograd.grad(div, feats, retain_graph=True)[0])
-        per_cd, cot_dom = domain_cotangents(batch.real_features, batch.real_seg, real_dom, feats, batch.syn_seg, C, D)
-        cot = torch.cat([torch.stack(rows), cot_dom.to(feats.dtype)]) if a.lambda_sh else torch.stack(rows)
-        grads = backward(cot)  # ONE batched VJP: [1 (+1) (+D), N, ch, H, W]
-        update = grads[0].clone()
-        logs = {"domain_losses": per_cd.sum(0).detach()}  # logs stay tensors: no host read in the step
-        if a.lambda_div:
-            update += a.lambda_div * grads[1]
-            logs["diversity"] = div.detach()
+            logs["diversity"] = sums["diversity"]
         if a.lambda_sh:
-            shared, _, agreement = spectral_surgery(grads[-D:].detach(), a.tau, a.gamma, a.eps,
-                                                    return_agreement=True)
-            update += a.lambda_sh * shared
-            logs["agreement"] = agreement.mean().detach()
-            logs["shared_norm_ratio"] = (shared.norm() / grads[-D:].mean(0).norm().clamp_min(1e-30)).detach()
+            logs["agreement"] = sums["agreement"] / spectra
+            logs["shared_norm_ratio"] = sums["shared_sq"].sqrt() / sums["mean_sq"].sqrt().clamp_min(1e-30)
         self.trace.append({k: v for k, v in logs.items() if k != "domain_losses"})
-        return MethodOutput(grad=update, value=loss.detach(), logs=logs)
+        return MethodOutput(grad=acc.grad, value=acc.loss, logs=logs)
 
     # ---- reporting and state ---------------------------------------------------------------
     def read_trace(self) -> list[dict]:
