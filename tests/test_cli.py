@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -132,3 +133,62 @@ def test_evaluate_uses_the_runs_protocol_settings(tmp_path, capsys):
                                   load_dataset("digits", split="test"), models="MLP", num_models=2, epochs=2)
     assert saved["MLP"]["accuracies"] == pytest.approx(expected["MLP"]["accuracies"])
     assert "MLP accuracy" in capsys.readouterr().out
+
+
+def small_image_tree(root, classes=2, per_class=6):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            array = np.clip(rng.normal(60 + 120 * c, 30, (20, 24, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(array).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+TINY_RUN = ["--method", "dm", "--ipc", "1", "--iterations", "2", "--device", "cpu", "progress=false",
+            "eval_epochs=1", "eval_num_models=1"]
+
+
+def test_prepare_then_distill_on_prepared_imagefolder_and_npz(tmp_path, monkeypatch, capsys):
+    from fastdd import cli
+    src = small_image_tree(tmp_path / "src")
+    out = tmp_path / "prepared"
+    assert cli.main(["prepare", str(src), str(out), "--size", "16", "--workers", "1", "--no-progress",
+                     "--test-fraction", "0.34"]) == 0
+    assert "prepared 2 classes at 16 px" in capsys.readouterr().out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert cli.main(["distill", "--dataset", "prepared", "--data-dir", str(out), "--out", str(tmp_path / "r1"),
+                     *TINY_RUN]) == 0
+    saved = torch.load(tmp_path / "r1" / "synthetic.pt", weights_only=False)
+    assert tuple(saved["images"].shape) == (2, 3, 16, 16)
+    assert list(saved["dataset"]["mean"]) == pytest.approx(manifest["mean"], abs=1e-7)
+
+    monkeypatch.setenv("FASTDD_DATA", str(tmp_path / "cache"))
+    for run in ("r2", "r3"):
+        assert cli.main(["distill", "--dataset", "imagefolder", "--data-dir", str(src), "--out", str(tmp_path / run),
+                         *TINY_RUN, "image_size=16"]) == 0
+        cached = list((tmp_path / "cache" / "prepared").iterdir())
+        assert len(cached) == 1 and cached[0].name.startswith("src-16px-")
+        stamp = (cached[0] / "train_images.npy").stat().st_mtime_ns
+        if run == "r2":
+            first_stamp = stamp
+    assert stamp == first_stamp  # the second run reused the cache
+    assert json.loads((cached[0] / "manifest.json").read_text())["splits"]["train"]["count"] == 10
+
+    images = np.stack([np.full((12, 12, 3), 40 * (i % 3), dtype=np.uint8) for i in range(30)])
+    np.savez(tmp_path / "set.npz", images=images, labels=np.arange(30) % 3)
+    assert cli.main(["distill", "--dataset", "npz", "--data-dir", str(tmp_path / "set.npz"),
+                     "--out", str(tmp_path / "r4"), *TINY_RUN]) == 0
+    saved = torch.load(tmp_path / "r4" / "synthetic.pt", weights_only=False)
+    assert tuple(saved["images"].shape) == (3, 3, 12, 12)
+
+
+def test_file_dataset_and_prepare_errors_are_one_line(tmp_path):
+    assert_one_line_error(fastdd("distill", "--dataset", "prepared", "progress=false"), "'data_dir'", "--data-dir")
+    assert_one_line_error(fastdd("distill", "--dataset", "prepared", "--data-dir", str(tmp_path), "progress=false"),
+                          f"{tmp_path} is not a prepared folder")
+    (tmp_path / "flat").mkdir()
+    assert_one_line_error(fastdd("prepare", str(tmp_path / "flat"), str(tmp_path / "out"), "--no-progress"),
+                          "no class sub-folders")
+    assert not (tmp_path / "out").exists()
