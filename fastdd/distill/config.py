@@ -22,7 +22,7 @@ class DistillConfig:
     lr_img: float | None = None  # None: the method's reference default (DM: 1.0, 10.0 at ipc >= 100)
     momentum: float = 0.5
     init: str = "real"
-    model: str = "ConvNet"
+    model: str = "auto"  # auto: the references' ConvNet depth for the resolution (ConvNet ≤32 px, D4 64, D5 128)
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
     channels_last: bool = False
     autocast_bf16: bool = False
@@ -32,7 +32,7 @@ class DistillConfig:
     seed: int = 0
     device: str = "auto"
     eval_every: int = 0
-    eval_models: list = field(default_factory=lambda: ["ConvNet"])
+    eval_models: list = field(default_factory=lambda: ["auto"])
     eval_num_models: int = 3
     eval_epochs: int = 300
     checkpoint_every: int = 100

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastdd.models import get_model
+from fastdd.models import get_model, resolve_model_name
 
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
@@ -136,7 +136,7 @@ def summarise(runs: Sequence[dict]) -> dict:
 
 
 def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test_set: Any,
-                       models: Sequence[str] | str = ("ConvNet",), num_models: int = 5, epochs: int = 300,
+                       models: Sequence[str] | str = ("auto",), num_models: int = 5, epochs: int = 300,
                        seed: int = 0, augment: str | None = "dsa", device: torch.device | str | None = None,
                        extra_metrics: Iterable[ExtraMetric] | None = None, **kw: Any) -> dict:
     """Train `num_models` fresh models per architecture (seeds seed, seed+1, ...) and aggregate:
@@ -149,6 +149,7 @@ def evaluate_synthetic(images: torch.Tensor, labels: torch.Tensor, test_set: Any
     extra_metrics = list(extra_metrics or ())
     results = {}
     for name in models:
+        name = resolve_model_name(name, tuple(images.shape[2:]))  # "auto": the depth for the resolution
         runs = [train_and_evaluate(images, labels, test_set, model=name, epochs=epochs, seed=seed + index,
                                    augment=augment, device=device, extra_metrics=extra_metrics, **kw)
                 for index in range(num_models)]
