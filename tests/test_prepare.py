@@ -2,6 +2,7 @@
 no-op reruns, interrupted runs leaving nothing, wrong layouts, subsets, val folders and stratified splits."""
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
@@ -150,6 +151,25 @@ def test_interrupted_prepare_leaves_nothing(tmp_path, monkeypatch, failure):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and temp_leftovers(tmp_path) == []
 
 
+def test_failed_final_rename_keeps_the_previous_set(tmp_path, monkeypatch):
+    src = make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    prepare(src, out, size=8, workers=1, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real_replace = prep.os.replace
+
+    def failing_replace(source, target):
+        if str(source).endswith(f"out.tmp-{os.getpid()}"):  # the final rename of the finished folder
+            raise OSError("disk went away")
+        return real_replace(source, target)
+
+    monkeypatch.setattr(prep.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk went away"):
+        prepare(src, out, size=9, workers=1, force=True, progress=False)
+    monkeypatch.setattr(prep.os, "replace", real_replace)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and temp_leftovers(tmp_path) == []
+
+
 def test_wrong_layouts_give_one_clear_error(tmp_path):
     rng = np.random.default_rng(0)
     flat = tmp_path / "flat"
@@ -235,3 +255,22 @@ def test_stratified_split_is_deterministic_by_seed(tmp_path):
     first, repeat, other = split.values()
     assert first == repeat and first != other
     assert len(first) == 4 and sorted(v % 8 for v in first) == [0, 0, 1, 1]  # round(0.25 * 8) = 2 per class
+
+
+def test_a_skipped_file_mid_class_leaves_no_hole(tmp_path):
+    rng = np.random.default_rng(5)
+    src, val = tmp_path / "train", tmp_path / "val"
+    arrays = {}
+    for name in ("x", "y"):
+        for stem in ("a", "b", "c"):
+            arrays[name, stem] = noise(rng, 9, 11)
+            save(src / name / f"{stem}.png", arrays[name, stem])
+        save(val / name / "v.png", noise(rng, 9, 9))
+    (src / "x" / "b.png").write_bytes(b"\x89PNG broken")
+    manifest = prepare(src, tmp_path / "out", size=8, val=val, workers=2, progress=False)
+    rows = np.load(tmp_path / "out" / "train_images.npy")
+    good = [src / "x" / "a.png", src / "x" / "c.png", src / "y" / "a.png", src / "y" / "b.png", src / "y" / "c.png"]
+    np.testing.assert_array_equal(rows, np.stack([decode_one(p, 8) for p in good]))
+    assert np.load(tmp_path / "out" / "train_labels.npy").tolist() == [0, 0, 1, 1, 1]
+    assert manifest["splits"]["train"]["class_counts"] == [2, 3]
+    assert manifest["splits"]["train"]["sha256_images"] == hashlib.sha256(rows.tobytes()).hexdigest()

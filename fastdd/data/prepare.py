@@ -272,5 +272,9 @@ def _move_into_place(temp: Path, out: Path) -> None:
         return
     old = out.with_name(f"{out.name}.old-{os.getpid()}")
     os.replace(out, old)
-    os.replace(temp, out)
+    try:
+        os.replace(temp, out)
+    except BaseException:
+        os.replace(old, out)  # put the previous set back rather than leave no OUT
+        raise
     shutil.rmtree(old, ignore_errors=True)
