@@ -170,6 +170,21 @@ def test_failed_final_rename_keeps_the_previous_set(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before and temp_leftovers(tmp_path) == []
 
 
+def test_temp_folders_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+    src = make_tree(tmp_path / "src")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True)
+    dead = tmp_path / f"out.tmp-{int(finished.stdout)}"
+    live = tmp_path / f"out.tmp-{os.getppid()}"
+    for folder in (dead, live):
+        folder.mkdir()
+        (folder / "train_images.npy").write_bytes(b"half written")
+    prepare(src, tmp_path / "out", size=8, workers=1, progress=False)
+    assert not dead.exists() and live.exists()
+
+
 def test_wrong_layouts_give_one_clear_error(tmp_path):
     rng = np.random.default_rng(0)
     flat = tmp_path / "flat"

@@ -53,9 +53,11 @@ def decode_one(path, size: int, mode: str = "RGB") -> np.ndarray:
 
 def _decode_task(path: str, size: int, mode: str):
     """(image, per-channel sums, per-channel sums of squares) or the reason the file cannot be read."""
+    from PIL import Image
+
     try:
         image = decode_one(path, size, mode)
-    except DECODE_ERRORS as error:
+    except (*DECODE_ERRORS, Image.DecompressionBombError) as error:
         return f"{type(error).__name__}: {error}"
     flat = image.reshape(image.shape[0], -1)
     squares = flat.astype(np.uint32) ** 2
@@ -201,6 +203,7 @@ def prepare(src, out, size: int = 64, classes: ClassesLike = None, subset: Optio
     if out.exists() and existing is None and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} exists and is not a fastdd prepared folder; choose another OUT")
     splits = _split_paths(src, class_dirs, val, val_labels, test_fraction, seed)
+    _remove_stale_temps(out)
     temp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     manifest = None
     try:
@@ -210,6 +213,24 @@ def prepare(src, out, size: int = 64, classes: ClassesLike = None, subset: Optio
     finally:
         shutil.rmtree(temp, ignore_errors=True)  # on success the rename already moved it; on any error: gone
     return {**manifest, "reused": False}
+
+
+def _remove_stale_temps(out: Path) -> None:
+    """Temp folders of earlier runs on `out` whose process is gone (killed with SIGKILL, power loss)."""
+    for stale in out.parent.glob(f"{out.name}.tmp-*") if out.parent.is_dir() else []:
+        pid = stale.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists but belongs to someone else
+        return True
+    return True
 
 
 def _existing_manifest(out: Path) -> Optional[dict]:
