@@ -81,7 +81,8 @@ def _decoded(pool, paths: list[str], size: int, mode: str, workers: int) -> Iter
     task = functools.partial(_decode_task, size=size, mode=mode)
     if pool is None:
         return map(task, paths)
-    return pool.map(task, paths, chunksize=max(1, min(64, len(paths) // (8 * workers))))
+    # small chunks: Ctrl-C waits only for the few chunks already handed to workers
+    return pool.map(task, paths, chunksize=max(1, min(16, len(paths) // (8 * workers))))
 
 
 def _write_split(folder: Path, split: str, paths: list[str], labels: np.ndarray, num_classes: int, size: int,
