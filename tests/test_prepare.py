@@ -289,3 +289,16 @@ def test_a_skipped_file_mid_class_leaves_no_hole(tmp_path):
     assert np.load(tmp_path / "out" / "train_labels.npy").tolist() == [0, 0, 1, 1, 1]
     assert manifest["splits"]["train"]["class_counts"] == [2, 3]
     assert manifest["splits"]["train"]["sha256_images"] == hashlib.sha256(rows.tobytes()).hexdigest()
+
+
+def test_decompression_bomb_is_skipped_with_its_reason(tmp_path, monkeypatch):
+    rng = np.random.default_rng(2)
+    src = tmp_path / "src"
+    for name in ("a", "b"):
+        for i in range(3):
+            save(src / name / f"{i}.png", noise(rng, 10, 10))
+    save(src / "a" / "huge.png", noise(rng, 40, 40))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # 1600 px > 2 x 500: PIL refuses it as a bomb
+    manifest = prepare(src, tmp_path / "out", size=8, val=src, workers=1, progress=False)
+    assert [entry["reason"].split(":")[0] for entry in manifest["skipped"]] == ["DecompressionBombError"] * 2
+    assert manifest["splits"]["train"]["class_counts"] == [3, 3]
