@@ -66,11 +66,11 @@ def diversity_loss(features: torch.Tensor, seg: torch.Tensor, num_classes: int) 
 
 def diversity_class_terms(features: torch.Tensor, seg: torch.Tensor, num_classes: int):
     """([C] mean pairwise cosine similarity per class (0 without pairs), [C] 1 where a class has >= 2 images)."""
-    f = F.normalize(features.float(), dim=1)
+    f = F.normalize(features if features.dtype == torch.float64 else features.float(), dim=1)
     gram = f @ f.T
     same = (seg[:, None] == seg[None, :]) & ~torch.eye(len(seg), dtype=torch.bool, device=seg.device)
-    sums = torch.zeros(num_classes, device=f.device).index_add(0, seg, (gram * same).sum(1))
-    n = class_counts(seg, num_classes)
+    sums = torch.zeros(num_classes, dtype=f.dtype, device=f.device).index_add(0, seg, (gram * same).sum(1))
+    n = class_counts(seg, num_classes, f.dtype)
     valid = (n >= 2).to(f.dtype)  # counted, not indexed: the number of valid classes stays on the device
     per_class = sums / (n * (n - 1)).clamp_min(1)  # classes with < 2 images have no pairs: sums = 0
     return per_class, valid

@@ -1,0 +1,157 @@
+"""DM in class chunks equals DM in one pass (loss, image gradient, images after 2 steps); rows per forward stay
+bounded as classes grow; BatchNorm nets refuse a budget they cannot be chunked under; pinned staging degrades."""
+import numpy as np
+import pytest
+import torch
+
+from fastdd.data import from_tensors
+from fastdd.data.staging import RealStager, gather_rows
+from fastdd.distill import Distiller, build_config
+from fastdd.distill.memory import ChunkPlan
+
+FAST = ["device=cpu", "progress=false", "model=ConvNet", "dsa_strategy=color_crop_cutout_flip_scale_rotate"]
+UNEVEN = [[0, 1, 2], [3], [4, 5, 6, 7, 8, 9]]
+
+
+def _images(classes: int, per_class: int, size: int, channels: int = 3, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    n = classes * per_class
+    return from_tensors(torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=g),
+                        torch.arange(n) % classes, num_classes=classes, mean=(0.4,) * channels, std=(0.3,) * channels)
+
+
+def _engine(data, *overrides, plan=None, dtype=torch.float32):
+    engine = Distiller(build_config(overrides=[*FAST, "method=dm", *overrides]), data)
+    if plan is not None:
+        engine.chunk_plan = lambda *a, **k: plan
+    if dtype != torch.float32:
+        make, passes = engine.new_network, engine.real_passes
+        engine.new_network = lambda *a, **k: make(*a, **k).to(dtype)
+        engine.real_passes = lambda *a, **k: (x.to(dtype) for x in passes(*a, **k))
+        engine.embed = lambda net, x: net.embed(x)  # (the engine's embed returns float32 features)
+        engine.synthetic.images = engine.synthetic.images.detach().to(dtype).requires_grad_(True)
+        engine.optimizer = torch.optim.SGD([engine.synthetic.images], lr=engine.lr, momentum=engine.config.momentum)
+    return engine
+
+
+def _record_batches(engine):
+    """Rows of every forward the step's networks take: (with grad: synthetic, without: real)."""
+    seen = {"syn": [], "real": []}
+    make = engine.new_network
+
+    def network(*a, **k):
+        net = make(*a, **k)
+        net.features[0].register_forward_pre_hook(
+            lambda module, args: seen["syn" if torch.is_grad_enabled() else "real"].append(args[0].shape[0]))
+        return net
+    engine.new_network = network
+    return seen
+
+
+def _step_and_two_iterations(engine):
+    out = engine.method.compute(engine, 0)
+    engine.generator.manual_seed(engine.config.seed + 1)
+    for it in range(2):
+        engine.run_iteration(it)
+    return out, engine.synthetic.images.detach().clone()
+
+
+@pytest.fixture(scope="module")
+def ten_classes():
+    return _images(10, 12, 16)
+
+
+def test_forced_uneven_chunks_equal_one_pass_in_float64(ten_classes):
+    whole = _engine(ten_classes, "ipc=2", "batch_real=5", plan=ChunkPlan([list(range(10))], 50), dtype=torch.float64)
+    chunked = _engine(ten_classes, "ipc=2", "batch_real=5", plan=ChunkPlan(UNEVEN, 3), dtype=torch.float64)
+    seen = _record_batches(chunked)
+    (one, images_one), (many, images_many) = _step_and_two_iterations(whole), _step_and_two_iterations(chunked)
+    assert seen["syn"][:3] == [6, 2, 12]  # the forced plan really ran: 3, 1 and 6 classes of 2 rows
+    assert max(seen["real"]) == 3         # real rows in passes of 3 (a class's 5 rows split across passes)
+    assert one.grad.dtype == torch.float64 and one.backpropagated and many.backpropagated
+    torch.testing.assert_close(many.loss, one.loss, rtol=1e-10, atol=0)
+    torch.testing.assert_close(many.grad, one.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(images_many, images_one, rtol=1e-10, atol=1e-12)
+
+
+def test_real_small_budget_chunks_equal_one_pass():
+    data = _images(10, 10, 32)
+    whole = _engine(data, "ipc=10", "batch_real=6")
+    chunked = _engine(data, "ipc=10", "batch_real=6", "memory_budget=64MiB")
+    probe = _engine(data, "memory_budget=64MiB")
+    net = probe.new_network()
+    assert probe.chunk_plan(net, [10] * 10, [6] * 10).num_chunks >= 3
+    assert whole.chunk_plan(net, [10] * 10, [6] * 10).num_chunks == 1
+    (one, images_one), (many, images_many) = _step_and_two_iterations(whole), _step_and_two_iterations(chunked)
+    torch.testing.assert_close(many.loss, one.loss, rtol=1e-5, atol=0)
+    scale = one.grad.abs().max()
+    torch.testing.assert_close(many.grad / scale, one.grad / scale, rtol=0, atol=1e-5)
+    torch.testing.assert_close(images_many, images_one, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_per_forward_stay_bounded_as_classes_grow():
+    peaks = {}
+    for classes in (10, 40):
+        engine = _engine(_images(classes, 6, 32), "ipc=5", "batch_real=4", "memory_budget=64MiB", "dsa_strategy=")
+        seen = _record_batches(engine)
+        engine.run_iteration(0)
+        net = engine.new_network()
+        grad_bytes, real_bytes = engine.row_bytes(net, True), engine.row_bytes(net, False)
+        plan = engine.chunk_plan(net, [5] * classes, [4] * classes)
+        allowed = (engine.memory_budget - plan.real_rows_per_pass * real_bytes) // grad_bytes
+        syn = [n for n in seen["syn"] if n > 1]  # (1-row forwards: the one-off activation measurement)
+        assert sum(syn) == 5 * classes and len(syn) == plan.num_chunks
+        assert max(syn) <= allowed and max(seen["real"]) <= plan.real_rows_per_pass == 4
+        peaks[classes] = (max(syn), plan.num_chunks)
+    assert peaks[40][0] == peaks[10][0]           # the largest forward does not grow with the classes ...
+    assert peaks[40][1] >= 4 * peaks[10][1] - 1   # ... the number of chunks does
+
+
+def test_batchnorm_net_refuses_a_budget_it_cannot_be_chunked_under():
+    data = _images(10, 10, 32)
+    with pytest.raises(ValueError, match=r"memory_budget.*'ConvNetBN'.*BatchNorm statistics couple all classes"):
+        _engine(data, "model=ConvNetBN", "ipc=10", "batch_real=6", "memory_budget=64MiB").run_iteration(0)
+
+
+def test_batchnorm_net_runs_in_one_pass_whatever_the_planner_says(ten_classes):
+    """A BN step is one forward of every real row and one of every synthetic row, whatever chunk_plan returns."""
+    engine = _engine(ten_classes, "model=ConvNetBN", "ipc=2", "batch_real=5", plan=ChunkPlan(UNEVEN, 3))
+    seen = _record_batches(engine)
+    engine.method.compute(engine, 0)
+    assert [n for n in seen["syn"] if n > 1] == [20] and [n for n in seen["real"] if n > 1] == [50]
+
+
+def test_staging_on_the_cpu_is_a_plain_gather_of_normalised_rows(tmp_path):
+    data = _images(4, 5, 8)
+    array = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=tuple(data.images.shape))
+    array[:] = data.images.numpy()
+    array.flush()
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="c")  # copy-on-write: the file stays untouched
+    data.images = torch.from_numpy(mapped)  # a memory map, as prepared datasets give
+    engine = Distiller(build_config(overrides=[*FAST, "ipc=1"]), data)
+    index = torch.tensor([3, 7, 11, 0, 19, 4, 8])
+    bounds = [(0, 3), (3, 4), (4, 7)]
+    staged = list(engine.real_passes(index, bounds))
+    for (lo, hi), x in zip(bounds, staged):
+        assert torch.equal(x, engine.real_images(index[lo:hi]))
+    assert engine.stager._slots == [None, None]  # no pinned buffer without CUDA
+    out = torch.empty(5, 3, 8, 8, dtype=torch.uint8)
+    view = gather_rows(data.images, index[:4], out)
+    assert view.data_ptr() == out.data_ptr() and torch.equal(out[:4], data.images[index[:4]])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="pinned staging and side-stream copies need a CUDA GPU")
+def test_cuda_staging_equals_real_images_and_reuses_its_pinned_buffers():
+    data = _images(4, 40, 16)
+    engine = Distiller(build_config(overrides=["device=cuda", "progress=false", "ipc=1"]), data)
+    index = torch.randperm(160, generator=torch.Generator().manual_seed(1))
+    bounds = [(lo, min(lo + 25, 160)) for lo in range(0, 160, 25)]
+    for _ in range(2):
+        staged = list(engine.real_passes(index, bounds))
+        for (lo, hi), x in zip(bounds, staged):
+            assert x.is_cuda and torch.equal(x, engine.real_images(index[lo:hi]))
+        pointers = [b.data_ptr() for b in engine.stager._slots]
+        assert all(b.is_pinned() for b in engine.stager._slots)
+    assert [b.data_ptr() for b in engine.stager._slots] == pointers  # reused across calls, not reallocated
+    rows = RealStager(data, "cuda").passes(index, [(0, 160)])
+    assert torch.equal(next(rows), engine.real_images(index))

@@ -1,0 +1,100 @@
+"""SGS in class chunks equals SGS in one pass: update, loss, logs (domain losses, diversity, agreement, shared-norm
+ratio), the agreement trace and the images after 2 steps, for every backward, mask and sampling."""
+import pytest
+import torch
+
+from fastdd.data import from_tensors
+from fastdd.data.domains import rotated_mnist
+from fastdd.distill import Distiller, build_config
+from fastdd.distill.memory import ChunkPlan
+from fastdd.distill.methods.sgs_data import domain_generalization_data
+
+FAST = ["progress=false", "device=cpu", "model=ConvNetW32", "dsa_strategy=color_crop_cutout_flip_scale_rotate",
+        "ipc=3", "batch_real=15", "method=sgs"]
+UNEVEN = [[0, 1, 2], [3], [4, 5]]
+VARIANTS = {"default": [], "plain": ["lambda_sh=0", "lambda_div=0"], "soft-mask": ["lambda_div=0", "gamma=2.0"],
+            "func": ["backward=func", "lambda_div=30"], "loop": ["backward=loop"], "pooled": ["sampling=pooled"]}
+
+
+def _domains(classes: int, size: int, per_class: int = 80):
+    g = torch.Generator().manual_seed(0)
+    n = classes * per_class
+    digits = from_tensors(torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=g),
+                          torch.arange(n) % classes, num_classes=classes, mean=(0.5,), std=(0.3,))
+    return domain_generalization_data(rotated_mnist(digits, angles=(0, 30, 60, 90)), 90)
+
+
+def _engine(data, *overrides, plan=None, dtype=torch.float32):
+    engine = Distiller(build_config(overrides=[*FAST, *overrides]), data[0], data[1], evaluators=data[2])
+    if plan is not None:
+        engine.chunk_plan = lambda *a, **k: plan
+    if dtype != torch.float32:
+        make, passes = engine.new_network, engine.real_passes
+        engine.new_network = lambda *a, **k: make(*a, **k).to(dtype)
+        engine.real_passes = lambda *a, **k: (x.to(dtype) for x in passes(*a, **k))
+        engine.embed = lambda net, x: net.embed(x)  # (the engine's embed returns float32 features)
+        engine.synthetic.images = engine.synthetic.images.detach().to(dtype).requires_grad_(True)
+        engine.optimizer = torch.optim.SGD([engine.synthetic.images], lr=engine.lr, momentum=engine.config.momentum)
+    engine.method.prepare(engine)
+    return engine
+
+
+def _run(engine, iterations: int = 2):
+    """(the step's output, the logs of `iterations` more, images after them, the method's trace as floats)."""
+    out = engine.method.compute(engine, 0)
+    engine.generator.manual_seed(engine.config.seed + 1)
+    logs = [engine.run_iteration(it) for it in range(iterations)]
+    return out, logs, engine.synthetic.images.detach().clone(), engine.method.read_trace()
+
+
+@pytest.fixture(scope="module")
+def six_classes():
+    return _domains(6, 12)
+
+
+def _assert_same(chunked, whole, rtol, atol):
+    (out_c, logs_c, images_c, trace_c), (out_w, logs_w, images_w, trace_w) = chunked, whole
+    value_c = out_c.value if out_c.value is not None else out_c.loss
+    value_w = out_w.value if out_w.value is not None else out_w.loss
+    torch.testing.assert_close(value_c, value_w, rtol=rtol, atol=0)
+    scale = out_w.grad.abs().max()
+    torch.testing.assert_close(out_c.grad / scale, out_w.grad / scale, rtol=0, atol=atol)
+    for c, w in zip(logs_c, logs_w):
+        assert set(c) == set(w)
+        for key in w:
+            torch.testing.assert_close(torch.as_tensor(c[key]), torch.as_tensor(w[key]), rtol=rtol, atol=atol)
+    torch.testing.assert_close(images_c, images_w, rtol=rtol, atol=atol)
+    assert len(trace_c) == len(trace_w)
+    for c, w in zip(trace_c, trace_w):
+        assert set(c) == set(w) and all(c[k] == pytest.approx(w[k], rel=rtol, abs=atol) for k in w)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_forced_uneven_chunks_equal_one_pass_in_float64(six_classes, variant):
+    whole = _engine(six_classes, *VARIANTS[variant], plan=ChunkPlan([list(range(6))], 1000), dtype=torch.float64)
+    chunked = _engine(six_classes, *VARIANTS[variant], plan=ChunkPlan(UNEVEN, 4), dtype=torch.float64)
+    syn_rows = []
+    make = chunked.new_network
+
+    def network(*a, **k):
+        net = make(*a, **k)
+        net.features[0].register_forward_pre_hook(
+            lambda module, args: syn_rows.append(args[0].shape[0]) if torch.is_grad_enabled() else None)
+        return net
+    chunked.new_network = network
+    result = _run(chunked)
+    assert syn_rows[:3] == [9, 3, 6]  # the forced plan ran: 3, 1 and 2 classes of 3 rows
+    _assert_same(result, _run(whole), rtol=1e-10, atol=1e-12)
+    if variant != "plain":
+        assert 0 < result[1][0]["agreement"] < 1  # the surgery's log is a real mean, not a sum over chunks
+
+
+def test_real_small_budget_chunks_equal_one_pass():
+    data = _domains(6, 32, per_class=60)
+    probe = _engine(data, "model=ConvNet", "ipc=12", "memory_budget=64MiB")
+    net = probe.new_network()
+    assert probe.chunk_plan(net, [12] * 6, [15] * 6).num_chunks >= 3
+    whole = _engine(data, "model=ConvNet", "ipc=12")
+    assert whole.chunk_plan(net, [12] * 6, [15] * 6).num_chunks == 1
+    chunked = _engine(data, "model=ConvNet", "ipc=12", "memory_budget=64MiB")
+    _assert_same(_run(chunked, iterations=1), _run(whole, iterations=1), rtol=1e-4, atol=1e-5)
