@@ -134,6 +134,11 @@ def _prepare(args) -> int:
     except KeyboardInterrupt:
         print(f"fastdd: error: interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
+    except OSError as error:  # disk full, permissions: FileNotFoundError is reported by main()
+        if isinstance(error, FileNotFoundError):
+            raise
+        print(f"fastdd: error: {error}; nothing was written to {args.out}", file=sys.stderr)
+        return 2
     if manifest["reused"]:
         return 0
     splits = manifest["splits"]
