@@ -192,3 +192,18 @@ def test_file_dataset_and_prepare_errors_are_one_line(tmp_path):
     assert_one_line_error(fastdd("prepare", str(tmp_path / "flat"), str(tmp_path / "out"), "--no-progress"),
                           "no class sub-folders")
     assert not (tmp_path / "out").exists()
+
+
+def test_imagefolder_with_train_and_val_subfolders_tests_on_val(tmp_path, monkeypatch):
+    from fastdd.distill import build_config
+    from fastdd.distill.datasets import load_run_data
+    small_image_tree(tmp_path / "root" / "train", per_class=4)
+    small_image_tree(tmp_path / "root" / "val", per_class=2)
+    monkeypatch.setenv("FASTDD_DATA", str(tmp_path / "cache"))
+    config = build_config({"dataset": "imagefolder", "data_dir": str(tmp_path / "root")},
+                          ["image_size=12", "progress=false", "device=cpu"])
+    train, test, _ = load_run_data(config)
+    assert (len(train), len(test), train.image_size, train.class_names) == (8, 4, (12, 12), ["class0", "class1"])
+    with pytest.raises(ValueError, match="'image_size' is 16 but .* was prepared at 12 px"):
+        cached = next((tmp_path / "cache" / "prepared").iterdir())
+        load_run_data(build_config({"dataset": "prepared", "data_dir": str(cached)}, ["image_size=16"]))
