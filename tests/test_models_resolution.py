@@ -56,8 +56,9 @@ def randomize_norms(model, generator):
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.GroupNorm, nn.BatchNorm2d)):
-                module.weight.copy_(torch.rand(module.weight.shape, generator=generator, dtype=module.weight.dtype) + 0.5)
-                module.bias.copy_(torch.rand(module.bias.shape, generator=generator, dtype=module.bias.dtype) - 0.5)
+                shape, dtype = module.weight.shape, module.weight.dtype
+                module.weight.copy_(torch.rand(shape, generator=generator, dtype=dtype) + 0.5)
+                module.bias.copy_(torch.rand(shape, generator=generator, dtype=dtype) - 0.5)
 
 
 @pytest.mark.parametrize("size, final_side", [(32, 4), (64, 8), (128, 8), (224, 7)])
@@ -69,6 +70,13 @@ def test_resnetap10_shapes(size, final_side):
         logits, features = model(images), model.embed(images)
     assert model.feature_shape == (512, final_side, final_side)
     assert logits.shape == (2, 10) and features.shape == (2, 512) and model.feature_dim == 512
+
+
+def test_resnetap10_non_square_images_take_the_stem_of_their_longer_side():
+    model = get_model("ResNetAP10", 3, 10, (64, 128))  # longer side 128 -> "mid" stem (/2), then /8
+    assert model.feature_shape == (512, 4, 8)
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, 64, 128)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("name, size, stem_kernel, expected", [
@@ -145,8 +153,8 @@ def test_ap_downsampling_known_answers():
     shortcut = get_model("ResNetAP10", 3, 10, 32).layer2.shortcut
     with torch.no_grad():
         shortcut[2].bias.copy_(torch.linspace(-1, 1, 128))
-        torch.testing.assert_close(shortcut(torch.full((1, 64, 6, 6), 3.0)),
-                                   torch.linspace(-1, 1, 128).view(1, 128, 1, 1).expand(1, 128, 3, 3), rtol=0, atol=2e-4)
+        expected = torch.linspace(-1, 1, 128).view(1, 128, 1, 1).expand(1, 128, 3, 3)
+        torch.testing.assert_close(shortcut(torch.full((1, 64, 6, 6), 3.0)), expected, rtol=0, atol=2e-4)
 
 
 def test_resnetap10_uses_idc_he_fan_out_init():
