@@ -141,3 +141,21 @@ def test_rows_per_pass_stay_within_the_budget_as_classes_grow(monkeypatch, rows)
         chunks.append(len(seen))
     assert largest[2] <= largest[1]  # flat: more classes make more chunks, not larger passes
     assert chunks[0] == 1 and chunks[2] > chunks[1] > 1
+
+
+def test_per_class_weight_gradients_count_in_the_plan():
+    # ConvNet (width 128) with 1 synthetic and 4 real rows per class: the per-class real and synthetic weight
+    # gradients (2 × 1.2 MB) are a quarter of a class's memory, enough to break the budget if left out
+    torch.set_num_threads(1)
+    budget = 64 * 2**20
+    engine = Distiller(build_config(overrides=[*FAST, "model=ConvNet", "ipc=1", "factor=1", "batch_real=4",
+                                               "memory_budget=64MiB"]), tiny_classes(48, per_class=8))
+    seen = record_chunks(engine)
+    state = engine.method.begin_iteration(engine, 0)
+    engine.method.compute_inner(engine, 0, state, 0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in state.grads.params)
+    syn_bytes = engine.row_bytes(state.net, True, functools.partial(syn_pass, distance="idc"), ("gm-syn", "idc"))
+    real_bytes = engine.row_bytes(state.net, True, real_pass, "gm-real")
+    assert len(seen) >= 2 and sum(seen, []) == list(range(48))
+    for chunk in seen:
+        assert len(chunk) * (2 * weight_bytes + SYN_GRAPH_FACTOR * syn_bytes + 4 * real_bytes) <= budget

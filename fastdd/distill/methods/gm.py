@@ -29,7 +29,8 @@ class GMArgs:
     net_weight_decay: float = 5e-4
     batch_syn_max: int = 128       # decoded synthetic images per class per matching step (0: all)
     step_per_class: bool = True    # IDC: one image step per class, in class order; False: one summed step
-    class_chunk: int = 0           # classes per batched pass (0: all on CUDA, ~128 rows per pass on CPU)
+    class_chunk: int = 0           # cap on classes per batched pass (0: none on CUDA, ~128 rows on CPU);
+                                   # memory_budget may split passes further
     init_mix: bool = True          # IDC 'mix' init (factor² real images per stored image) when init=real
     pixel_space: bool = True       # IDC: image steps in pixel units (lr_img as IDC's) and clamp to [0, 1]
     aug: str = "idc"               # matching aug: idc (IDC DiffAug, one draw per class), dsa (config
@@ -213,16 +214,17 @@ class GM(Method):
             total = total + per_class.detach().double().sum()
         return grad_images, total / C
 
-    def match_chunks(self, engine, grads, real_index, real_seg, select, draw):
+    def match_chunks(self, engine, grads, real_index, real_seg, select, draw, grads_per_class: int = 2):
         """Per class chunk (see `chunks`) a MatchChunk: the chunk's real rows gathered, normalised and augmented
         (the aug draw is per class, so per-chunk application gives the one-pass values), their class
         gradients, and the synthetic rows as a grad leaf with their class gradients (graph to x).
-        Real rows are class-major (sample_real_index), so a chunk's rows are one span."""
+        Real rows are class-major (sample_real_index), so a chunk's rows are one span. `grads_per_class`:
+        matched-weight-sized gradients a chunk holds per class (gm: real and synthetic; robust adds its cells)."""
         C = engine.num_classes
         r_counts, r_starts = segments(real_seg, C)
         images = engine.class_step_images() if self.args.step_per_class else engine.syn.images.detach()
         s_counts, s_starts = segments(engine.syn.seg, C)
-        for chunk in self.chunks(engine, grads.net, r_counts, s_counts, select):
+        for chunk in self.chunks(engine, grads, r_counts, s_counts, select, grads_per_class):
             lo, hi = r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]
             seg = real_seg[lo:hi]
             real = self.augment(engine, engine.real_images(real_index[lo:hi]), seg, draw)
@@ -247,7 +249,7 @@ class GM(Method):
         n = per_class if select is None else select.shape[1]
         return self.augment(engine, decoded, labels, draw), labels.to(decoded.device), [n] * len(chunk)
 
-    def chunks(self, engine, net, r_counts, s_counts, select=None) -> list[list[int]]:
+    def chunks(self, engine, grads, r_counts, s_counts, select=None, grads_per_class: int = 2) -> list[list[int]]:
         """Consecutive classes with real and synthetic rows (a class with none is skipped), split where the
         memory plan splits (`plan`), and capped at class_chunk classes (0: none on CUDA; on CPU ~128 rows,
         as large batches lose to cache-sized ones there, see benchmarks/bench_gm_iteration.py)."""
@@ -260,7 +262,7 @@ class GM(Method):
                 rows = max(max(r_counts), max(s_counts) * self.args.factor ** 2, 1)
                 size = max(1, 128 // rows)
         runs = []
-        for part in self.plan(engine, net, r_counts, s_counts, select).class_chunks:
+        for part in self.plan(engine, grads, r_counts, s_counts, select, grads_per_class).class_chunks:
             run = []
             for c in part:
                 if r_counts[c] and s_counts[c] and len(run) < size:
@@ -273,19 +275,20 @@ class GM(Method):
                 runs.append(run)
         return runs
 
-    def plan(self, engine, net, r_counts, s_counts, select=None):
-        """engine.chunk_plan over every class's gradient-carrying rows, in units of one decoded synthetic
-        row of the create_graph pass: its decoded rows (×SYN_GRAPH_FACTOR: the second-order backward through
-        the held graph allocates about as much again) plus its real rows (a first-order pass) at their
-        measured cost."""
-        f2 = self.args.factor ** 2
-        distance = self.args.distance
+    def plan(self, engine, grads, r_counts, s_counts, select=None, grads_per_class: int = 2):
+        """engine.chunk_plan over every class's memory, in units of one decoded synthetic row of the
+        create_graph pass: its decoded rows (×SYN_GRAPH_FACTOR: the second-order backward through the held
+        graph allocates about as much again), its real rows (a first-order pass) at their measured cost, and
+        the grads_per_class weight gradients it keeps until the chunk's distance is taken."""
+        net, f2, distance = grads.net, self.args.factor ** 2, self.args.distance
         syn_forward = functools.partial(syn_pass, distance=distance)
         key = ("gm-syn", distance)
         syn_bytes = engine.row_bytes(net, True, syn_forward, key)
         real_bytes = engine.row_bytes(net, True, real_pass, "gm-real")
+        weights = grads_per_class * sum(p.numel() * p.element_size() for p in grads.params)
         decoded = [0 if not n else (select.shape[1] if select is not None else n * f2) for n in s_counts]
-        rows = [SYN_GRAPH_FACTOR * d + math.ceil(r * real_bytes / syn_bytes) for d, r in zip(decoded, r_counts)]
+        rows = [SYN_GRAPH_FACTOR * d + math.ceil((r * real_bytes + (weights if r and d else 0)) / syn_bytes)
+                for d, r in zip(decoded, r_counts)]
         return engine.chunk_plan(net, rows, [0] * len(rows), grad_real=True, forward=syn_forward, key=key)
 
     def train_network(self, engine, net, opt) -> None:
