@@ -112,6 +112,11 @@ def test_rerun_is_a_noop_and_other_arguments_need_force(tmp_path, capsys):
     assert np.load(out / "train_images.npy").shape[-1] == 8
     prepare(src, out, size=10, workers=1, force=True, progress=False)
     assert np.load(out / "train_images.npy").shape[-1] == 10 and temp_leftovers(tmp_path) == []
+    np.save(out / "test_labels.npy", np.zeros(1, dtype=np.int64))  # damaged: the no-op check notices
+    with pytest.raises(ValueError, match="test_labels.npy.*--force"):
+        prepare(src, out, size=10, workers=1, progress=False)
+    assert not prepare(src, out, size=10, workers=1, force=True, progress=False)["reused"]
+    assert prepare(src, out, size=10, workers=1, progress=False)["reused"]
     (tmp_path / "user").mkdir()
     (tmp_path / "user" / "thesis.tex").write_text("keep me")
     with pytest.raises(ValueError, match="not a fastdd prepared folder"):

@@ -194,10 +194,15 @@ def prepare(src, out, size: int = 64, classes: ClassesLike = None, subset: Optio
                  "test_fraction": test_fraction, "seed": seed if val is None else None}
     existing = _existing_manifest(out)
     if existing is not None and existing.get("arguments") == arguments:
-        check_prepared(out)
-        if progress:
-            print(f"fastdd: {out} is already prepared with these arguments; nothing to do", flush=True)
-        return {**existing, "reused": True}
+        try:
+            check_prepared(out)
+        except ValueError:
+            if not force:
+                raise  # its message asks for --force, which rebuilds it below
+        else:
+            if progress:
+                print(f"fastdd: {out} is already prepared with these arguments; nothing to do", flush=True)
+            return {**existing, "reused": True}
     if existing is not None and not force:
         raise ValueError(f"{out} holds a prepared set made with other arguments; pass --force (force=True) "
                          f"to replace it, or choose another OUT")

@@ -51,9 +51,10 @@ def _open_split(folder: Path, manifest: dict, split: str) -> tuple[np.ndarray, n
                          f"({entry['count']},); prepare it again with --force")
     num_classes = len(manifest["classes"])
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"{labels_path} has labels outside [0, {num_classes})")
+        raise ValueError(f"{labels_path} has labels outside [0, {num_classes}); prepare it again with --force")
     if np.bincount(labels, minlength=num_classes).tolist() != entry["class_counts"]:
-        raise ValueError(f"{labels_path} class counts differ from its manifest's class_counts")
+        raise ValueError(f"{labels_path} class counts differ from its manifest's class_counts; "
+                         f"prepare it again with --force")
     return images, labels, entry
 
 
