@@ -1,6 +1,5 @@
 """Prepared shards as ImageDatasets: the images tensor is the file's memory map (gathers touch only their rows),
 manifest checks name the bad file, and the engine-side gathers (normalize, subset, SyntheticSet) match RAM."""
-import hashlib
 import json
 import sys
 
@@ -12,6 +11,7 @@ from PIL import Image
 
 from fastdd.data import ClassSampler, from_tensors, load_prepared, load_prepared_splits
 from fastdd.data.prepare import prepare
+from fastdd.data.shards import file_sha256
 from fastdd.distill.synthetic import SyntheticSet
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
@@ -34,18 +34,16 @@ def big_prepared(folder, rows, size=64, classes=2):
     manifest = json.loads((folder / "manifest.json").read_text())
     images = open_memmap(folder / "train_images.npy", mode="w+", dtype=np.uint8, shape=(rows, 3, size, size))
     rng = np.random.default_rng(1)
-    digest = hashlib.sha256()
     for start in range(0, rows, 1000):
-        block = rng.integers(0, 256, images[start:start + 1000].shape, dtype=np.uint8)
-        images[start:start + 1000] = block
-        digest.update(block.tobytes())
+        images[start:start + 1000] = rng.integers(0, 256, images[start:start + 1000].shape, dtype=np.uint8)
     images.flush()
+    del images
     labels = np.arange(rows, dtype=np.int64) % classes
     np.save(folder / "train_labels.npy", labels)
     manifest["size"] = size
     manifest["splits"]["train"].update(count=rows, class_counts=np.bincount(labels).tolist(),
-                                       sha256_images=digest.hexdigest(),
-                                       sha256_labels=hashlib.sha256(labels.tobytes()).hexdigest())
+                                       sha256_images=file_sha256(folder / "train_images.npy"),
+                                       sha256_labels=file_sha256(folder / "train_labels.npy"))
     manifest["splits"].pop("test")
     (folder / "manifest.json").write_text(json.dumps(manifest))
     return manifest
@@ -69,7 +67,7 @@ def file_mapping(address):
 def test_images_are_the_memory_map_and_sampling_touches_only_sampled_rows(prepared):
     rows = 6000  # 6000 x 3 x 64 x 64 = 74 MB
     big_prepared(prepared, rows)
-    train = load_prepared(prepared, verify=True)  # hashing reads the file through np.load's own map
+    load_prepared(prepared, verify=True)
     train = load_prepared(prepared)
     path, resident_kb = file_mapping(train.images.data_ptr())
     assert path == str(prepared / "train_images.npy")
@@ -105,7 +103,7 @@ def test_manifest_mismatches_name_the_file(prepared):
     data[-1] ^= 0xFF
     images_file.write_bytes(bytes(data))
     load_prepared(prepared)  # shapes still agree; only the checksum can see the change
-    with pytest.raises(ValueError, match=f"{images_file}: sha256 of the train images differs"):
+    with pytest.raises(ValueError, match=f"{images_file}: sha256 of the train images file differs"):
         load_prepared(prepared, verify=True)
     images_file.write_bytes(bytes(data[:-100]))
     with pytest.raises(ValueError, match="train shard of .* is unreadable"):

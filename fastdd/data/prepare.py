@@ -4,7 +4,6 @@ from __future__ import annotations
 import concurrent.futures
 import datetime
 import functools
-import hashlib
 import json
 import multiprocessing
 import os
@@ -17,7 +16,7 @@ from typing import Iterable, Optional, Sequence, Union
 import numpy as np
 
 from .folders import _image_files, scan_classes, scan_val
-from .shards import MANIFEST, MANIFEST_FORMAT, check_prepared
+from .shards import MANIFEST, MANIFEST_FORMAT, check_prepared, file_sha256
 
 # torchvision's Resize(size) + CenterCrop(size) on PIL images (the DC/DM/IDC references' ImageNet
 # pipeline): shorter side to `size` with the longer side truncated, PIL bilinear (antialiased when
@@ -95,7 +94,6 @@ def _write_split(folder: Path, split: str, paths: list[str], labels: np.ndarray,
     shape = (len(paths), channels, size, size)
     images_file = folder / f"{split}_images.npy"
     images = open_memmap(images_file, mode="w+", dtype=np.uint8, shape=shape)
-    digest = hashlib.sha256()
     sums = np.zeros(channels, dtype=np.uint64)
     sums_sq = np.zeros(channels, dtype=np.uint64)
     kept, skipped = [], []
@@ -109,7 +107,6 @@ def _write_split(folder: Path, split: str, paths: list[str], labels: np.ndarray,
                 continue
             image, image_sums, image_sums_sq = result
             images[len(kept)] = image
-            digest.update(image.tobytes())
             sums += image_sums
             sums_sq += image_sums_sq
             kept.append(index)
@@ -124,7 +121,7 @@ def _write_split(folder: Path, split: str, paths: list[str], labels: np.ndarray,
     np.save(folder / f"{split}_labels.npy", kept_labels)
     entry = {"images": images_file.name, "labels": f"{split}_labels.npy", "count": len(kept),
              "class_counts": np.bincount(kept_labels, minlength=num_classes).tolist(),
-             "sha256_images": digest.hexdigest(), "sha256_labels": hashlib.sha256(kept_labels.tobytes()).hexdigest()}
+             "sha256_images": file_sha256(images_file), "sha256_labels": file_sha256(folder / f"{split}_labels.npy")}
     return entry, skipped, (sums, sums_sq, len(kept) * size * size)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fastdd-prepared-v1"
 SPLITS = ("train", "test")
-HASH_CHUNK_ROWS = 4096
+HASH_BLOCK_BYTES = 1 << 20
 
 
 def read_manifest(folder) -> dict:
@@ -58,19 +58,19 @@ def _open_split(folder: Path, manifest: dict, split: str) -> tuple[np.ndarray, n
     return images, labels, entry
 
 
-def sha256_rows(array: np.ndarray, chunk: int = HASH_CHUNK_ROWS) -> str:
-    """sha256 of an array's row-major bytes, read `chunk` rows at a time."""
+def file_sha256(path: Path) -> str:
+    """sha256 of a whole file (what `sha256sum` prints), read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    for start in range(0, array.shape[0], chunk):
-        digest.update(np.ascontiguousarray(array[start:start + chunk]).tobytes())
+    with open(path, "rb") as handle:
+        while block := handle.read(HASH_BLOCK_BYTES):
+            digest.update(block)
     return digest.hexdigest()
 
 
-def _verify(folder: Path, split: str, images: np.ndarray, labels: np.ndarray, entry: dict) -> None:
-    for what, array, key, file in (("images", images, "sha256_images", entry["images"]),
-                                   ("labels", labels, "sha256_labels", entry["labels"])):
-        if sha256_rows(array) != entry[key]:
-            raise ValueError(f"{folder / file}: sha256 of the {split} {what} differs from the manifest "
+def _verify(folder: Path, split: str, entry: dict) -> None:
+    for what, key in (("images", "sha256_images"), ("labels", "sha256_labels")):
+        if file_sha256(folder / entry[what]) != entry[key]:
+            raise ValueError(f"{folder / entry[what]}: sha256 of the {split} {what} file differs from the manifest "
                              f"(the file changed or is damaged); prepare it again with --force")
 
 
@@ -81,7 +81,7 @@ def check_prepared(folder, verify: bool = False) -> dict:
     for split in manifest.get("splits", {}):
         images, labels, entry = _open_split(folder, manifest, split)
         if verify:
-            _verify(folder, split, images, labels, entry)
+            _verify(folder, split, entry)
     return manifest
 
 
@@ -95,7 +95,7 @@ def load_prepared(folder, split: str = "train", verify: bool = False, name: Opti
     manifest = read_manifest(folder)
     images, labels, entry = _open_split(folder, manifest, split)
     if verify:
-        _verify(folder, split, images, labels, entry)
+        _verify(folder, split, entry)
     return ImageDataset(images=torch.from_numpy(images), labels=torch.from_numpy(labels),
                         num_classes=len(manifest["classes"]), mean=tuple(manifest["mean"]),
                         std=tuple(manifest["std"]), name=name or folder.name,
