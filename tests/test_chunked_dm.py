@@ -107,6 +107,24 @@ def test_rows_per_forward_stay_bounded_as_classes_grow():
     assert peaks[40][1] >= 4 * peaks[10][1] - 1   # ... the number of chunks does
 
 
+def test_real_rows_given_out_of_class_order_are_grouped_first(ten_classes):
+    """Chunks slice the real rows by class: rows handed over shuffled give the sorted rows' step."""
+    steps = []
+    for shuffle in (False, True):
+        engine = _engine(ten_classes, "ipc=2", "batch_real=5", plan=ChunkPlan(UNEVEN, 3), dtype=torch.float64)
+        sample = engine.sample_real_index
+
+        def shuffled(*a, sample=sample, shuffle=shuffle, **k):
+            index, seg = sample(*a, **k)
+            order = torch.randperm(len(index), generator=torch.Generator().manual_seed(5)) if shuffle else \
+                torch.arange(len(index))
+            return index[order], seg[order]
+        engine.sample_real_index = shuffled
+        steps.append(engine.method.compute(engine, 0))
+    torch.testing.assert_close(steps[1].loss, steps[0].loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(steps[1].grad, steps[0].grad, rtol=1e-10, atol=1e-14)
+
+
 def test_batchnorm_net_refuses_a_budget_it_cannot_be_chunked_under():
     data = _images(10, 10, 32)
     with pytest.raises(ValueError, match=r"memory_budget.*'ConvNetBN'.*BatchNorm statistics couple all classes"):
@@ -123,7 +141,8 @@ def test_batchnorm_net_runs_in_one_pass_whatever_the_planner_says(ten_classes):
 
 def test_staging_on_the_cpu_is_a_plain_gather_of_normalised_rows(tmp_path):
     data = _images(4, 5, 8)
-    array = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8, shape=tuple(data.images.shape))
+    array = np.lib.format.open_memmap(tmp_path / "images.npy", mode="w+", dtype=np.uint8,
+                                      shape=tuple(data.images.shape))
     array[:] = data.images.numpy()
     array.flush()
     mapped = np.load(tmp_path / "images.npy", mmap_mode="c")  # copy-on-write: the file stays untouched
