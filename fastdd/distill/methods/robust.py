@@ -3,8 +3,8 @@
 Objective (methods.md, "Robust DD"): Σ_c (1 − β)·L_c + β·CVaR_α({L_{c,k}}_k), where
 - L_c = DM's class loss ‖μ_real(c) − μ_syn(c)‖² on the class's POOLED real batch (exactly `dm`'s term, same
   network, rows and augmentation draw), so with β = 0 the step IS DM's step;
-- L_{c,k} = ‖μ_real(c, k) − μ_syn(c)‖² over the batch rows of class c in subpopulation k, all C·K of them from
-  ONE `mean_match` call (real segment c·K + k → synthetic segment c via `real_to_syn`);
+- L_{c,k} = ‖μ_real(c, k) − μ_syn(c)‖² over the batch rows of class c in subpopulation k, all of a class
+  chunk's from ONE `mean_match` call (real segment c·K + k → synthetic segment c via `real_to_syn`);
 - CVaR_α = the mean of the worst (largest) ⌈α·K⌉ losses, fractional part weighted as in Rockafellar–Uryasev
   (`fastdd.ops.cvar`); the gradient flows through it to the selected clusters.
 - base = gm (kmeans assignment only): the hooks are GM's (fresh network per outer iteration, inner_loop steps,
@@ -15,12 +15,17 @@ Objective (methods.md, "Robust DD"): Σ_c (1 − β)·L_c + β·CVaR_α({L_{c,k}
 Empty (class, cluster) cells of a batch (no sampled row) are EXCLUDED: a class's CVaR is taken over its K_c
 present clusters only (CVaR_α of K_c values), never over a zero placeholder. `robust_objective` takes the [C]
 and [C, K] loss tables and the present mask only, whatever base method computed them.
+Memory: each class's term depends on that class's rows only (its CVaR is over its own clusters), so the
+objective and its image gradient are taken class chunk by class chunk of the base's memory plan (DM's
+dm_chunks, GM's match_chunks) and the chunks' gradients summed: exactly the one-pass result.
 
 Subpopulations (`assignment`):
 - `kmeans`: every training image of every class is embedded (`embedding`: a fresh random network of the run's
-  family from the engine generator, or raw normalised pixels) and clustered per class in ONE `batched_kmeans`
-  call (k-means++ from the engine generator); the per-sample cluster ids live in the method state (so they are
-  checkpointed and a resumed run keeps them) and are recomputed every `recluster_every` iterations (0: once).
+  family from the engine generator, or raw normalised pixels; images read EMBED_CHUNK at a time, the [N, F]
+  features held: ≈1 GB for ImageNet-100 at F = 2048, pixels far more) and clustered per class in ONE
+  `batched_kmeans` call (k-means++ from the engine generator); the per-sample cluster ids live in the method
+  state (so they are checkpointed and a resumed run keeps them) and are recomputed every `recluster_every`
+  iterations (0: once).
   With β = 0 no clusters are needed: none are computed and no generator draws are spent, so the run is DM's
   run draw for draw (GM's run with base = gm).
 - `nearest-synthetic` (the public code's assignment): a sampled real row's cluster is the nearest synthetic image
@@ -33,8 +38,8 @@ import torch
 
 from fastdd.cluster import batched_kmeans
 from fastdd.distill.methods import robust_data
-from fastdd.distill.methods.base import Method, MethodOutput
-from fastdd.distill.methods.dm import DM, dm_batch, dm_class_losses
+from fastdd.distill.methods.base import Method, MethodOutput, on_host
+from fastdd.distill.methods.dm import DM, GradientAccumulator, dm_chunks, dm_class_losses, dm_step
 from fastdd.distill.methods.gm import GM, fp32, gradient_distance
 from fastdd.ops import cvar, kmeans_assign, mean_match
 
@@ -193,14 +198,6 @@ class Robust(Method):
         self.clustered_at = iteration
         self.reclusters += 1
 
-    def assign(self, engine, batch) -> torch.Tensor:
-        """Cluster in [0, K) of every sampled real row of the batch."""
-        if self.args.assignment == "kmeans":
-            return self.cluster_ids[batch.real_index.cpu()].to(batch.real_seg.device)
-        C, ipc = engine.num_classes, engine.syn.ipc
-        centroids = batch.syn_features.detach().to(batch.real_features.dtype).view(C, ipc, -1)
-        return kmeans_assign(batch.real_features, centroids, batch.real_seg)[0]
-
     # ---- the base method's outer iteration (GM: fresh network, inner steps, network training) -----------
     def begin_iteration(self, engine, iteration: int):
         if self.args.base == "gm" and self.needs_clustering(iteration):
@@ -252,7 +249,7 @@ class Robust(Method):
 
         def distance(r, s):
             return gradient_distance(fp32(r), fp32(s), gm.args.distance)
-        for m in gm.match_chunks(engine, grads, real_index, real_seg, select, draw):
+        for m in gm.match_chunks(engine, grads, real_index, real_seg, select, draw, grads_per_class=2 + K):
             chunk, (lo, hi) = m.chunk, m.span
             order = torch.argsort(cell[lo:hi], stable=True).to(m.real.device)  # the chunk's rows by cell
             cells = [c * K + k for c in chunk for k in range(K) if cell_counts[c * K + k]]
@@ -269,26 +266,42 @@ class Robust(Method):
             losses[chunk[0]:chunk[-1] + 1] = table.detach().double().cpu()
         return grad_images, class_losses, losses, present
 
-    # ---- one step --------------------------------------------------------------------------
+    # ---- one step (base = dm) ---------------------------------------------------------------
     def compute(self, engine, iteration: int) -> MethodOutput:
-        a, C = self.args, engine.num_classes
+        """The robust objective on DM's step (dm_step's draws and chunk plan), taken and differentiated class
+        chunk by class chunk (dm_chunks): every class's term — its L_c and the CVaR over its own clusters —
+        depends on that class's rows only, so the chunks' gradients sum to the one-pass gradient.
+        β = 0 with kmeans is DM's own step."""
+        a = self.args
         if self.needs_clustering(iteration):
             self.cluster(engine, iteration)
-        b = dm_batch(engine)
-        per_class = dm_class_losses(b.real_features, b.real_seg, b.syn_features, b.syn_seg, C)  # DM's L_c
-        dm_loss = per_class.sum()
         if a.assignment == "kmeans" and self.cluster_ids is None:  # β = 0: DM, no clusters needed
-            self._log(dm_loss=float(dm_loss.detach()))
-            return MethodOutput(loss=dm_loss, logs={"dm_loss": float(dm_loss.detach())})
-        K = self.num_clusters(engine)
-        losses, present = cluster_losses(b.real_features, b.real_seg, self.assign(engine, b), b.syn_features,
-                                         b.syn_seg, C, K)
-        loss, risk = robust_objective(per_class, losses, present, a.alpha, a.beta)
-        logs = {"dm_loss": float(dm_loss.detach()), "cvar": float(risk.detach().sum()),
-                "worst_cluster_loss": float(losses.detach().masked_fill(~present, float("-inf")).max()),
-                "empty_cells": int((~present).sum())}
+            out = self.base.compute(engine, iteration)
+            dm_loss = float(out.loss.detach())
+            self._log(dm_loss=dm_loss)
+            return dataclasses.replace(out, logs={**out.logs, "dm_loss": dm_loss})
+        acc = GradientAccumulator(engine)
+        sums, worst = [], []  # per chunk: [L_c sum, CVaR sum, empty cells]; worst present cell loss
+        for b in dm_chunks(engine, dm_step(engine)):
+            per_class = dm_class_losses(b.real_features, b.real_seg, b.syn_features, b.syn_seg, b.num_classes)
+            losses, present = cluster_losses(b.real_features, b.real_seg, self.assign(engine, b), b.syn_features,
+                                             b.syn_seg, b.num_classes, self.num_clusters(engine))
+            objective, risk = robust_objective(per_class, losses, present, a.alpha, a.beta)
+            acc.add(b.syn_rows, torch.autograd.grad(objective, b.syn_input)[0], objective)
+            sums.append(torch.stack([per_class.detach().sum(), risk.detach().sum(), (~present).sum()]).double())
+            worst.append(losses.detach().masked_fill(~present, float("-inf")).max())
+        (dm_loss, risk, empty), top = torch.stack(sums).sum(0).tolist(), float(torch.stack(worst).max())
+        logs = {"dm_loss": dm_loss, "cvar": risk, "worst_cluster_loss": top, "empty_cells": int(empty)}
         self._log(**logs)
-        return MethodOutput(loss=loss, logs=logs)
+        return acc.output(**logs)
+
+    def assign(self, engine, batch) -> torch.Tensor:
+        """Cluster in [0, K) of every real row of a DM chunk."""
+        if self.args.assignment == "kmeans":
+            return self.cluster_ids[on_host(batch.real_index)].to(batch.real_seg.device)
+        centroids = batch.syn_features.detach().to(batch.real_features.dtype)
+        centroids = centroids.view(batch.num_classes, engine.syn.ipc, -1)
+        return kmeans_assign(batch.real_features, centroids, batch.real_seg)[0]
 
     def _log(self, **values) -> None:
         for key, value in values.items():
