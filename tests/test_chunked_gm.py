@@ -77,6 +77,16 @@ def test_forced_uneven_chunks_equal_one_pass(digits, extra):
     assert torch.is_tensor(outs[1].value)  # the step value stays on the device (no host read)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+def test_forced_uneven_chunks_equal_one_pass_on_cuda(digits):
+    one, chunked = (engine_for(digits, "device=cuda", chunks=c) for c in ([list(range(10))], UNEVEN))
+    seen = record_chunks(chunked)
+    outs = [one_step(e, uneven_pool(digits)) for e in (one, chunked)]
+    assert seen == UNEVEN and outs[0].grad.is_cuda
+    torch.testing.assert_close(outs[1].grad, outs[0].grad, rtol=1e-7, atol=1e-10)  # float64 on the device
+    torch.testing.assert_close(float(outs[1].value), float(outs[0].value), rtol=1e-9, atol=0)
+
+
 def test_forced_chunks_equal_one_pass_over_an_outer_iteration(digits):
     # an outer iteration: sequential class steps, network training between them, IDC aug and CutMix draws
     torch.set_num_threads(1)
@@ -159,3 +169,14 @@ def test_per_class_weight_gradients_count_in_the_plan():
     assert len(seen) >= 2 and sum(seen, []) == list(range(48))
     for chunk in seen:
         assert len(chunk) * (2 * weight_bytes + SYN_GRAPH_FACTOR * syn_bytes + 4 * real_bytes) <= budget
+
+
+def test_network_training_reads_only_its_batches(digits):
+    # n_data=20 with batches of 8: three reads of 8 rows (IDC stops an epoch once n_data samples were seen)
+    torch.set_num_threads(1)
+    engine = engine_for(digits, "n_data=20", "net_batch=8", "net_epoch=2")
+    reads, real_images = [], engine.real_images
+    engine.real_images = lambda index: reads.append(len(index)) or real_images(index)
+    state = engine.method.begin_iteration(engine, 0)
+    engine.method.train_network(engine, state.net, state.optimizer)
+    assert reads == [8, 8, 8] * 2
