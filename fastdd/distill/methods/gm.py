@@ -89,6 +89,16 @@ class MatchChunk:
 SYN_GRAPH_FACTOR = 2  # a create_graph pass's decoded row: its saved graph, and the second-order backward again
 
 
+def real_rows(engine, index: torch.Tensor, spans: list[tuple[int, int]]):
+    """Normalised real rows index[lo:hi] per span, in order: on CUDA through the engine's pinned staging (the
+    next span's copy overlapping the caller's compute on this one), elsewhere engine.real_images."""
+    if engine.device.type == "cuda":
+        yield from engine.real_passes(index, spans)
+    else:
+        for lo, hi in spans:
+            yield engine.real_images(index[lo:hi])
+
+
 def gradient_distance(real: list, syn: list, distance: str) -> torch.Tensor:
     """Σ over parameters: DC distance_wb (rows = output channels; 1-D parameters add 0), IDC MSE or L1."""
     total = syn[0].new_zeros(())
@@ -224,10 +234,12 @@ class GM(Method):
         r_counts, r_starts = segments(real_seg, C)
         images = engine.class_step_images() if self.args.step_per_class else engine.syn.images.detach()
         s_counts, s_starts = segments(engine.syn.seg, C)
-        for chunk in self.chunks(engine, grads, r_counts, s_counts, select, grads_per_class):
-            lo, hi = r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]
+        chunks = self.chunks(engine, grads, r_counts, s_counts, select, grads_per_class)
+        spans = [(r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]) for chunk in chunks]
+        reals = real_rows(engine, real_index, spans)
+        for chunk, (lo, hi) in zip(chunks, spans):
             seg = real_seg[lo:hi]
-            real = self.augment(engine, engine.real_images(real_index[lo:hi]), seg, draw)
+            real = self.augment(engine, next(reals).to(images.dtype), seg, draw)
             real_y = seg.to(real.device)
             with engine._autocast():
                 g_real = grads(real, real_y, [r_counts[c] for c in chunk], create_graph=False)
