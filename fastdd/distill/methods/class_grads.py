@@ -1,4 +1,4 @@
-"""Per-class weight gradients of the CE loss for several classes in one forward/backward pass."""
+"""Per-class weight gradients of the CE loss for several classes in one forward/backward pass, and their distances."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -95,3 +95,29 @@ def _weight_grad(module: nn.Module, a: torch.Tensor, d: torch.Tensor) -> torch.T
         return torch.nn.grad.conv2d_weight(a, module.weight.shape, d, module.stride, module.padding,
                                            module.dilation, module.groups)
     return d.reshape(-1, d.shape[-1]).t() @ a.reshape(-1, a.shape[-1])
+
+
+def gradient_distance(real: list, syn: list, distance: str) -> torch.Tensor:
+    """Σ over parameters: DC distance_wb (rows = output channels; 1-D parameters add 0), IDC MSE or L1."""
+    total = syn[0].new_zeros(())
+    for r, s in zip(real, syn):
+        if distance == "idc":
+            total = total + (r - s).square().sum()
+        elif distance == "idc_l1":
+            total = total + (r - s).abs().sum()
+        elif r.dim() >= 2:  # cos
+            r2, s2 = r.reshape(r.shape[0], -1), s.reshape(s.shape[0], -1)
+            cos = (r2 * s2).sum(-1) / (r2.norm(dim=-1) * s2.norm(dim=-1) + 1e-6)
+            total = total + (1 - cos).sum()
+    return total
+
+
+def fp32(grads: list) -> list:
+    """Distances in at least fp32 (bf16-autocast gradients are upcast; fp32/fp64 ones kept)."""
+    return [g.float() if g.dtype in (torch.bfloat16, torch.float16) else g for g in grads]
+
+
+def segments(seg: torch.Tensor, num_classes: int) -> tuple[list[int], list[int]]:
+    counts = torch.bincount(seg.cpu(), minlength=num_classes).tolist()
+    starts = [sum(counts[:c]) for c in range(num_classes)]
+    return counts, starts

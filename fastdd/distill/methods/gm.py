@@ -8,7 +8,8 @@ import torch
 from fastdd.augment import IDCAugment, augment_per_sample, cutmix_loss, draw_cutmix
 from fastdd.augment.idc import parse_idc_strategy
 from fastdd.distill.methods.base import Method, MethodOutput
-from fastdd.distill.methods.class_grads import ClassGradients, matched_parameters, real_pass, syn_pass
+from fastdd.distill.methods.class_grads import (  # noqa: F401 (fp32, gradient_distance: gm's public names)
+    ClassGradients, fp32, gradient_distance, matched_parameters, real_pass, segments, syn_pass)
 from fastdd.distill.methods.multiformation import decode_for, mix_images
 
 DISTANCES = ("cos", "idc", "idc_l1")
@@ -97,32 +98,6 @@ def real_rows(engine, index: torch.Tensor, spans: list[tuple[int, int]]):
     else:
         for lo, hi in spans:
             yield engine.real_images(index[lo:hi])
-
-
-def gradient_distance(real: list, syn: list, distance: str) -> torch.Tensor:
-    """Σ over parameters: DC distance_wb (rows = output channels; 1-D parameters add 0), IDC MSE or L1."""
-    total = syn[0].new_zeros(())
-    for r, s in zip(real, syn):
-        if distance == "idc":
-            total = total + (r - s).square().sum()
-        elif distance == "idc_l1":
-            total = total + (r - s).abs().sum()
-        elif r.dim() >= 2:  # cos
-            r2, s2 = r.reshape(r.shape[0], -1), s.reshape(s.shape[0], -1)
-            cos = (r2 * s2).sum(-1) / (r2.norm(dim=-1) * s2.norm(dim=-1) + 1e-6)
-            total = total + (1 - cos).sum()
-    return total
-
-
-def fp32(grads: list) -> list:
-    """Distances in at least fp32 (bf16-autocast gradients are upcast; fp32/fp64 ones kept)."""
-    return [g.float() if g.dtype in (torch.bfloat16, torch.float16) else g for g in grads]
-
-
-def segments(seg: torch.Tensor, num_classes: int) -> tuple[list[int], list[int]]:
-    counts = torch.bincount(seg.cpu(), minlength=num_classes).tolist()
-    starts = [sum(counts[:c]) for c in range(num_classes)]
-    return counts, starts
 
 
 class GM(Method):
