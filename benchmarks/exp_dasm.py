@@ -28,12 +28,14 @@ SETTINGS = {  # the scaled-down protocol (the papers: 1000s of iterations, 300-1
     "ipcs": [10, 50, 100],
     "segments": {"10": 2, "50": 5, "100": 5},
     "p_max": 0.5,
-    "seeds": [0, 1, 2],
+    "seeds": [0, 1, 2, 3, 4],
     # factor 1: at 14 px, IDC's factor 2 decodes 7-px patches; a calibration run (IPC 100, seed 0) gave
     # ConvNetW32 71.5% with factor 2 where DM reached 84.7%
     "gm": {"iterations": 10, "inner_loop": 4, "batch_real": 32, "factor": 1, "distance": "idc_l1",
            "batch_syn_max": 32, "n_data": 64, "net_batch": 32, "score_epochs": 20,
-           "lr_img": "gm default: IDC's 5e-3*ipc_segment/10, applied in pixel space by the engine"},
+           "lr_img": "gm default: IDC's 5e-3*ipc_segment/10, applied in pixel space by the engine",
+           "idc_defaults": "gm defaults kept: images clamped to [0, 1] every outer iteration, matching aug 'idc' "
+                           "(color_crop_cutout, one draw per class), network training with CutMix (mix_p 0.5)"},
     "dm": {"iterations": 60, "batch_real": 32, "score_epochs": 20, "lr_img": "DM default (1, 10 at ipc_segment>=100)"},
 }
 
@@ -152,6 +154,7 @@ def main():
                     doc = {"experiment": "DASM vs base on MNIST (scaled down)", "variants": args.variants.split(","),
                            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                            "threads": torch.get_num_threads(), "settings": SETTINGS,
+                           "command": " ".join(["python", "benchmarks/exp_dasm.py", *sys.argv[1:]]),
                            "pool_size": len(pool.labels), "test_size": len(test.labels),
                            "total_seconds": time.perf_counter() - start, "summary": summarise(rows), "runs": rows}
                     os.makedirs(os.path.dirname(args.out), exist_ok=True)
