@@ -5,9 +5,11 @@ import pytest
 import torch
 
 from fastdd.data import from_tensors
-from fastdd.data.staging import RealStager, gather_rows
+from fastdd.data.staging import RealStager, gather_rows, module_to_device
 from fastdd.distill import Distiller, build_config
 from fastdd.distill.memory import ChunkPlan
+from fastdd.models import get_model
+from fastdd.sync import count_host_syncs
 
 FAST = ["device=cpu", "progress=false", "model=ConvNet", "dsa_strategy=color_crop_cutout_flip_scale_rotate"]
 UNEVEN = [[0, 1, 2], [3], [4, 5, 6, 7, 8, 9]]
@@ -174,3 +176,27 @@ def test_cuda_staging_equals_real_images_and_reuses_its_pinned_buffers():
     assert [b.data_ptr() for b in engine.stager._slots] == pointers  # reused across calls, not reallocated
     rows = RealStager(data, "cuda").passes(index, [(0, 160)])
     assert torch.equal(next(rows), engine.real_images(index))
+
+
+def test_a_packed_network_move_keeps_every_value_in_one_block_per_dtype():
+    torch.manual_seed(0)
+    net = get_model("ConvNetBN", 3, 10, (16, 16))
+    reference = {name: t.clone() for name, t in net.state_dict().items()}
+    assert module_to_device(net, "cpu", packed=True) is net
+    for name, t in net.state_dict().items():
+        assert torch.equal(t, reference[name]) and t.dtype == reference[name].dtype
+    blocks = {t.dtype: t.untyped_storage().data_ptr() for t in net.state_dict().values()}
+    assert all(t.untyped_storage().data_ptr() == blocks[t.dtype] for t in net.state_dict().values())
+    assert set(blocks) == {torch.float32, torch.int64}  # parameters and running stats | num_batches_tracked
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the packed pinned copy is a CUDA path")
+def test_cuda_network_move_is_one_sync_free_copy_per_dtype():
+    torch.manual_seed(0)
+    net, reference = get_model("ConvNetBN", 3, 10, (16, 16)), get_model("ConvNetBN", 3, 10, (16, 16))
+    reference.load_state_dict(net.state_dict())
+    with count_host_syncs(cuda=True) as syncs:
+        module_to_device(net, "cuda")
+    syncs.assert_none("module_to_device")
+    for (name, t), r in zip(net.state_dict().items(), reference.to("cuda").state_dict().values()):
+        assert t.is_cuda and torch.equal(t, r), name

@@ -1,5 +1,6 @@
-"""Real rows to the device: gathered from the (memory-mapped) uint8 set into reused pinned buffers, copied one
-pass ahead on a side CUDA stream, normalised on the device; a plain gather + normalise on the CPU."""
+"""Host-to-device staging: real rows gathered from the (memory-mapped) uint8 set into reused pinned buffers,
+copied on a side CUDA stream while the device computes on the previous pass, normalised on the device (a plain
+gather on the CPU); small host tensors and fresh networks moved with pinned non_blocking copies (no host sync)."""
 from __future__ import annotations
 
 import torch
@@ -19,34 +20,29 @@ def gather_rows(images: torch.Tensor, index: torch.Tensor, out: torch.Tensor) ->
 class RealStager:
     """`passes(index, bounds)` yields the normalised rows index[lo:hi] on `device` for each (lo, hi) in order.
 
-    CUDA: each pass is gathered into one of SLOTS pinned uint8 buffers (grown to the largest pass, then reused),
-    copied with non_blocking=True on a side stream, and the NEXT pass is gathered and its copy issued as soon as
-    the current one is handed out, so that copy overlaps the caller's compute on the current stream. The current
-    stream waits for the copy before normalising, and the copied tensor is recorded on it (record_stream) so the
-    allocator does not hand its memory to the side stream early. Reusing a pinned slot waits (on the host) for
-    that slot's previous copy only, which was issued two passes earlier. CPU: no pinning, a plain gather."""
+    CUDA: a pass is gathered into one of SLOTS pinned uint8 buffers (grown to the largest pass, then reused) and
+    copied with non_blocking=True on a side stream when the caller asks for it, i.e. after the caller has queued
+    its compute on the previous pass (or the previous chunk's synthetic forward and backward): the host gather
+    and the copy run while the device is still busy with that compute. The current stream waits for the copy's
+    event (a device-side wait), the copied tensor is recorded on it (record_stream) so the allocator does not
+    hand its memory back to the side stream early, and it is normalised there. Reusing a pinned slot waits on
+    the host for that slot's previous copy, issued two passes earlier. CPU: no pinning, a plain gather."""
 
     def __init__(self, dataset: ImageDataset, device):
         self.dataset, self.device = dataset, torch.device(device)
         self.cuda = self.device.type == "cuda"
         self._slots: list[torch.Tensor | None] = [None] * SLOTS
-        self._copied: list = [None] * SLOTS  # CUDA event: the slot's last copy has been read out
+        self._copied: list = [None] * SLOTS  # CUDA event: the slot's last copy has read its bytes
         self._stream = None
         self._turn = 0
 
     def passes(self, index: torch.Tensor, bounds: list[tuple[int, int]]):
         index = index if index.device.type == "cpu" else index.cpu()
-        if not self.cuda:
-            for lo, hi in bounds:
+        for lo, hi in bounds:
+            if self.cuda:
+                yield self._finish(self._stage(index[lo:hi]))
+            else:
                 yield self.dataset.normalize(self.dataset.images[index[lo:hi]], device=self.device)
-            return
-        pending = self._stage(index[bounds[0][0]:bounds[0][1]]) if bounds else None
-        for k in range(len(bounds)):
-            ready = self._finish(pending)
-            if k + 1 < len(bounds):
-                lo, hi = bounds[k + 1]
-                pending = self._stage(index[lo:hi])  # its copy runs while the caller computes on `ready`
-            yield ready
 
     def _stage(self, index: torch.Tensor):
         """Gather into the next pinned slot and issue its copy on the side stream -> (device uint8, event)."""
@@ -75,3 +71,31 @@ class RealStager:
         current.wait_event(done)
         on_device.record_stream(current)
         return self.dataset.normalize(on_device, device=self.device)
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A host tensor on `device`: on CUDA through pinned memory with non_blocking=True (a pageable copy would
+    make the host wait); the pinned block is not reused before the copy has read it (caching host allocator)."""
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def module_to_device(module: torch.nn.Module, device, packed: bool | None = None) -> torch.nn.Module:
+    """`module`'s parameters and buffers moved to `device` in place. packed (default: on CUDA): one pinned
+    non_blocking copy per dtype, each tensor becoming a view of that dtype's flat device block, instead of one
+    blocking copy per tensor."""
+    device = torch.device(device)
+    if not (device.type == "cuda" if packed is None else packed):
+        return module.to(device)
+    groups: dict = {}
+    for t in (*module.parameters(), *module.buffers()):
+        groups.setdefault(t.dtype, []).append(t)
+    for tensors in groups.values():
+        flat = to_device(torch.cat([t.detach().reshape(-1) for t in tensors]), device)
+        offset = 0
+        for t in tensors:
+            t.data = flat[offset:offset + t.numel()].view_as(t)
+            offset += t.numel()
+    return module

@@ -7,7 +7,7 @@ import torch
 
 from fastdd.augment import SiameseAugment
 from fastdd.data import ClassSampler, ImageDataset
-from fastdd.data.staging import RealStager
+from fastdd.data.staging import RealStager, module_to_device, to_device
 from fastdd.distill import artifacts
 from fastdd.distill.config import DistillConfig
 from fastdd.distill.memory import ChunkPlan, activation_bytes_per_row, plan_chunks, resolve_budget
@@ -81,7 +81,9 @@ class Distiller:
             torch.manual_seed(seed)
             net = get_model(model or self.config.model, self.train.channels, num_classes or self.num_classes,
                             self.train.image_size, **overrides)
-        net = net.to(self.device)
+        # Built on the CPU: a CUDA build would draw its weights from the CUDA generator (other values than the
+        # CPU build of the same seed); moved with one pinned non_blocking copy per dtype.
+        net = module_to_device(net, self.device)
         if self.config.channels_last:
             net = net.to(memory_format=torch.channels_last)
         net.train()
@@ -100,7 +102,7 @@ class Distiller:
             idx, seg = ClassSampler(self.train.labels[pool], self.num_classes).sample(n_per_class,
                                                                                       generator=self.generator)
             idx = pool[idx]
-        return idx, seg.to(self.device)
+        return idx, to_device(seg, self.device)
 
     def real_images(self, index: torch.Tensor) -> torch.Tensor:
         x = self.train.normalize(self.train.images[on_host(index)], device=self.device)

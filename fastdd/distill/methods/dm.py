@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fastdd.data.staging import to_device
 from fastdd.distill.memory import ChunkPlan
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.ops import mean_match
@@ -56,7 +57,7 @@ def dm_step(engine, real_index=None, real_seg=None, single_chunk: bool = False, 
         if real_index.numel() > 1 and not bool((labels[1:] >= labels[:-1]).all()):
             order = torch.argsort(labels, stable=True)
             real_index, labels = real_index[order], labels[order]
-            real_seg = real_seg[order.to(real_seg.device)]
+            real_seg = real_seg[to_device(order, real_seg.device)]
         counts = torch.bincount(labels, minlength=C).tolist()
     starts = [0]
     for n in counts:

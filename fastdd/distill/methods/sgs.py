@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fastdd.data.domains import DomainClassSampler, domain_index, source_domains
+from fastdd.data.staging import to_device
 from fastdd.distill.methods import sgs_data  # noqa: F401  (registers rotated-mnist, colored-mnist, domain-folder)
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import GradientAccumulator, dm_chunks, dm_step
@@ -132,7 +133,7 @@ class SGS(Method):
         index = cls = None
         if a.sampling == "balanced":
             index, cls, _ = self.sampler.sample(self.n_per_group, generator=engine.generator)
-            cls = cls.to(engine.device)
+            cls = to_device(cls, engine.device)
         if not batched or a.backward != "func":
             def backward(batch, cot):
                 if a.backward == "loop":
@@ -161,7 +162,7 @@ class SGS(Method):
         return next(self.step_chunks(engine, batched, single_chunk=True))
 
     def domain_of(self, engine, real_index):
-        return self.position[engine.train.domains[on_host(real_index)]].to(engine.device)
+        return to_device(self.position[engine.train.domains[on_host(real_index)]], engine.device)
 
     def compute(self, engine, iteration: int) -> MethodOutput:
         """Class chunk by class chunk (every term is class-separable: the base and per-domain losses are sums over
