@@ -76,6 +76,24 @@ def test_forced_uneven_chunks_equal_one_pass_in_float64(ten_classes):
     torch.testing.assert_close(images_many, images_one, rtol=1e-10, atol=1e-12)
 
 
+def test_chunks_of_an_active_segment_equal_one_pass(ten_classes):
+    """A DASM-style segment (rows c·4 + 2, c·4 + 3 of every class): chunks index the segment's rows."""
+    rows = (torch.arange(10).view(-1, 1) * 4 + torch.tensor([2, 3])).reshape(-1)
+    results = []
+    for plan in (ChunkPlan([list(range(10))], 50), ChunkPlan(UNEVEN, 3)):
+        engine = _engine(ten_classes, "ipc=4", "batch_real=5", plan=plan, dtype=torch.float64)
+        engine.set_active(rows, 2)
+        before = engine.synthetic.images.detach().clone()
+        results.append(_step_and_two_iterations(engine))
+        outside = torch.ones(40, dtype=torch.bool)
+        outside[rows] = False
+        assert torch.equal(results[-1][1][outside], before[outside])  # other segments untouched
+    (one, images_one), (many, images_many) = results
+    assert many.grad.shape == (20, 3, 16, 16)
+    torch.testing.assert_close(many.grad, one.grad, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(images_many, images_one, rtol=1e-10, atol=1e-12)
+
+
 def test_real_small_budget_chunks_equal_one_pass():
     data = _images(10, 10, 32)
     whole = _engine(data, "ipc=10", "batch_real=6")

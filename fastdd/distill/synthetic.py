@@ -30,6 +30,10 @@ class SyntheticSet:
     def seg(self) -> torch.Tensor:
         return self.labels
 
+    @property
+    def shape(self) -> torch.Size:
+        return self.images.shape
+
     def detached(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images.detach().cpu().clone(), self.labels.cpu().clone()
 
@@ -50,6 +54,11 @@ class SyntheticRows:
         return self.parent.labels[self.rows]
 
     seg = labels
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of `images`, without gathering them."""
+        return torch.Size((self.rows.shape[0], *self.parent.images.shape[1:]))
 
     def detached(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.images.detach().cpu().clone(), self.labels.cpu().clone()

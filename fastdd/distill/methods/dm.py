@@ -121,7 +121,7 @@ class GradientAccumulator:
     """The image gradient (rows like engine.syn.images) filled chunk by chunk, and the summed loss tensor."""
 
     def __init__(self, engine):
-        self.shape, self.grad, self.loss = engine.syn.images.shape, None, None
+        self.shape, self.grad, self.loss = engine.syn.shape, None, None
 
     def add(self, rows: slice, grad: torch.Tensor, loss: torch.Tensor) -> None:
         if self.grad is None:
