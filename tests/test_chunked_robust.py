@@ -134,3 +134,19 @@ def test_gm_plan_counts_the_cell_gradients():
     assert len(seen) >= 2 and sum(seen, []) == list(range(48))
     for chunk in seen:
         assert len(chunk) * ((2 + K) * weight_bytes + SYN_GRAPH_FACTOR * syn_bytes + 4 * real_bytes) <= budget
+
+
+@pytest.mark.parametrize("embedding", ["pixels", "random-net"])
+def test_clustering_features_read_in_chunks_equal_one_pass(digits, monkeypatch, embedding):
+    import fastdd.distill.methods.robust as robust_module
+    monkeypatch.setattr(robust_module, "EMBED_CHUNK", 500)  # 1438 training digits: 3 reads, the last one short
+    engine = dm_engine(digits, f"embedding={embedding}")
+    reads, real_images = [], engine.real_images
+    engine.real_images = lambda index: reads.append(len(index)) or real_images(index)
+    state = engine.generator.get_state()
+    feats = engine.method.train_embeddings(engine)
+    assert reads == [500, 500, 438]
+    engine.generator.set_state(state)
+    x = real_images(torch.arange(len(digits)))
+    expect = x.flatten(1) if embedding == "pixels" else engine.embed_real(engine.new_network(), x)
+    torch.testing.assert_close(feats, expect, rtol=1e-5, atol=1e-6)

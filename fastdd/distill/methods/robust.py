@@ -40,7 +40,7 @@ from fastdd.cluster import batched_kmeans
 from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import DM, GradientAccumulator, dm_chunks, dm_class_losses, dm_step
-from fastdd.distill.methods.gm import GM, fp32, gradient_distance
+from fastdd.distill.methods.gm import GM, fp32, gradient_distance, real_rows
 from fastdd.ops import cvar, kmeans_assign, mean_match
 
 ASSIGNMENTS = ("kmeans", "nearest-synthetic")
@@ -180,13 +180,18 @@ class Robust(Method):
         return bool(a.recluster_every) and iteration % a.recluster_every == 0 and self.clustered_at != iteration
 
     def train_embeddings(self, engine) -> torch.Tensor:
-        """[N, F] features of every training image (no augmentation), in EMBED_CHUNK-sized forward passes."""
+        """[N, F] features of every training image (no augmentation): images read EMBED_CHUNK at a time (on CUDA
+        through the engine's pinned staging), features written into one preallocated tensor."""
         net = engine.new_network(self.args.embedding_model) if self.args.embedding == "random-net" else None
-        chunks = []
-        for lo in range(0, len(engine.train), EMBED_CHUNK):
-            x = engine.real_images(torch.arange(lo, min(lo + EMBED_CHUNK, len(engine.train))))
-            chunks.append(x.flatten(1).float() if net is None else engine.embed_real(net, x))
-        return torch.cat(chunks)
+        n = len(engine.train)
+        spans = [(lo, min(lo + EMBED_CHUNK, n)) for lo in range(0, n, EMBED_CHUNK)]
+        feats = None
+        for (lo, hi), x in zip(spans, real_rows(engine, torch.arange(n), spans)):
+            f = x.flatten(1).float() if net is None else engine.embed_real(net, x)
+            if feats is None:
+                feats = f.new_empty(n, f.shape[1])
+            feats[lo:hi] = f
+        return feats
 
     def cluster(self, engine, iteration: int) -> None:
         """K-means of every class's training images in ONE batched call; ids kept per training sample."""
