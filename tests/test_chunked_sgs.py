@@ -6,7 +6,7 @@ import torch
 from fastdd.data import from_tensors
 from fastdd.data.domains import rotated_mnist
 from fastdd.distill import Distiller, build_config
-from fastdd.distill.memory import ChunkPlan
+from fastdd.distill.memory import ChunkPlan, plan_chunks
 from fastdd.distill.methods.sgs_data import domain_generalization_data
 
 FAST = ["progress=false", "device=cpu", "model=ConvNetW32", "dsa_strategy=color_crop_cutout_flip_scale_rotate",
@@ -98,3 +98,21 @@ def test_real_small_budget_chunks_equal_one_pass():
     assert whole.chunk_plan(net, [12] * 6, [15] * 6).num_chunks == 1
     chunked = _engine(data, "model=ConvNet", "ipc=12", "memory_budget=64MiB")
     _assert_same(_run(chunked, iterations=1), _run(whole, iterations=1), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("args,cotangents", [([], 5), (["backward=loop"], 1), (["lambda_div=0"], 4),
+                                             (["lambda_sh=0", "lambda_div=0"], 1)])
+def test_the_plan_counts_a_batched_backwards_cotangents(six_classes, args, cotangents):
+    """vmap/func pull back 1 (DM) + 1 (diversity) + D = 3 (domains) cotangents at once; loop and plain one."""
+    engine = _engine(six_classes, *args, "memory_budget=64MiB")
+    plans, plan = [], engine.chunk_plan
+    engine.chunk_plan = lambda *a, **k: plans.append(k.get("cotangents", 1)) or plan(*a, **k)
+    engine.method.compute(engine, 0)
+    assert plans == [cotangents]
+    net = engine.new_network()
+    one, real = engine.row_bytes(net, True), engine.row_bytes(net, False)
+    engine.memory_budget = 18 * one + 5 * real  # the 18 synthetic rows fit exactly with one cotangent
+    assert plan(net, [3] * 6, [5] * 6).num_chunks == 1
+    many = plan(net, [3] * 6, [5] * 6, cotangents=cotangents)
+    assert many == plan_chunks(engine.memory_budget, [3] * 6, one + (cotangents - 1) * real, [5] * 6, real)
+    assert (many.num_chunks > 1) == (cotangents > 1)  # the extra cotangents no longer fit in one chunk

@@ -123,10 +123,14 @@ class Distiller:
         return self._row_bytes[key]
 
     def chunk_plan(self, net, rows_per_class: list[int], real_rows_per_class: list[int], grad_real: bool = False,
-                   forward=None, key=None, reserved: int = 0) -> ChunkPlan:
+                   forward=None, key=None, reserved: int = 0, cotangents: int = 1) -> ChunkPlan:
         """Consecutive class chunks whose gradient-carrying rows fit `memory_budget` (one chunk when all fit),
-        and how many real rows one forward may take; rows_per_class counts the inputs that carry gradients."""
+        and how many real rows one forward may take; rows_per_class counts the inputs that carry gradients.
+        cotangents > 1: a batched backward pulls that many back at once, each extra one costing a row the
+        gradient of the largest layer (its input + output, as a no-grad pass holds)."""
         grad_bytes = self.row_bytes(net, True, forward, key)
+        if cotangents > 1:
+            grad_bytes += (cotangents - 1) * self.row_bytes(net, False, forward, key)
         real_bytes = self.row_bytes(net, grad_real, forward, key)
         return plan_chunks(self.memory_budget, rows_per_class, grad_bytes, real_rows_per_class, real_bytes, reserved)
 

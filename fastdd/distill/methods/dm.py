@@ -43,9 +43,11 @@ def uses_batchnorm(net: torch.nn.Module) -> bool:
     return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
 
 
-def dm_step(engine, real_index=None, real_seg=None, single_chunk: bool = False, **network_overrides) -> DMStep:
+def dm_step(engine, real_index=None, real_seg=None, single_chunk: bool = False, cotangents: int = 1,
+            **network_overrides) -> DMStep:
     """Fresh frozen network, real indices of every class (one sampler call unless given), one siamese DSA draw
-    for all classes (generator use in that order), and the class chunks whose synthetic rows fit the budget."""
+    for all classes (generator use in that order), and the class chunks whose synthetic rows fit the budget;
+    `cotangents`: how many the synthetic features' backward pulls back at once (engine.chunk_plan)."""
     net = engine.new_network(**network_overrides)
     if real_index is None:
         real_index, real_seg = engine.sample_real_index(engine.config.batch_real)
@@ -65,16 +67,17 @@ def dm_step(engine, real_index=None, real_seg=None, single_chunk: bool = False, 
     if single_chunk:
         plan = ChunkPlan([list(range(C))], max(starts[-1], 1))
     elif uses_batchnorm(net):
-        plan = batchnorm_plan(engine, net, C * ipc, starts[-1])
+        plan = batchnorm_plan(engine, net, C * ipc, starts[-1], cotangents)
     else:
-        plan = engine.chunk_plan(net, [ipc] * C, counts)
+        plan = engine.chunk_plan(net, [ipc] * C, counts, cotangents=cotangents)
     return DMStep(net, real_index, real_seg, starts, draw, plan)
 
 
-def batchnorm_plan(engine, net, syn_rows: int, real_rows: int) -> ChunkPlan:
+def batchnorm_plan(engine, net, syn_rows: int, real_rows: int, cotangents: int = 1) -> ChunkPlan:
     """BatchNorm's batch statistics couple every class (main_DM.py runs all classes in one forward): one chunk
     and one real pass, refused when that does not fit the budget."""
-    need = syn_rows * engine.row_bytes(net, True) + real_rows * engine.row_bytes(net, False)
+    real_bytes = engine.row_bytes(net, False)
+    need = syn_rows * (engine.row_bytes(net, True) + (cotangents - 1) * real_bytes) + real_rows * real_bytes
     if need > engine.memory_budget:
         raise ValueError(f"config key 'memory_budget' ({engine.memory_budget / 2**20:.0f} MiB) is too small for "
                          f"model {engine.config.model!r}: its BatchNorm statistics couple all classes, so DM runs "

@@ -134,19 +134,21 @@ class SGS(Method):
         if a.sampling == "balanced":
             index, cls, _ = self.sampler.sample(self.n_per_group, generator=engine.generator)
             cls = to_device(cls, engine.device)
+        # a batched backward (vmap, func) pulls back every cotangent at once: the plan counts them per row
+        k = 1 + bool(a.lambda_div) + self.D * bool(a.lambda_sh) if batched and a.backward != "loop" else 1
         if not batched or a.backward != "func":
             def backward(batch, cot):
                 if a.backward == "loop":
                     return torch.stack([torch.autograd.grad(batch.syn_features, batch.syn_input, c,
                                                             retain_graph=True)[0] for c in cot])
                 return torch.autograd.grad(batch.syn_features, batch.syn_input, cot, is_grads_batched=True)[0]
-            for batch in dm_chunks(engine, dm_step(engine, index, cls, single_chunk)):
+            for batch in dm_chunks(engine, dm_step(engine, index, cls, single_chunk, k)):
                 yield batch, functools.partial(backward, batch)
             return
         # torch.func cannot transform through the fused norm_act_pool autograd: build the unfused ConvNet
         # (same parameters and generator use, numerically equal within float tolerance).
         unfused = {"fused": False} if engine.config.model.startswith("ConvNet") else {}
-        step = dm_step(engine, index, cls, single_chunk, **unfused)
+        step = dm_step(engine, index, cls, single_chunk, k, **unfused)
         vjps = []
 
         def embed_syn(x, seg):
