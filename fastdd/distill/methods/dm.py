@@ -7,6 +7,7 @@ import torch
 from fastdd.data.staging import to_device
 from fastdd.distill.memory import ChunkPlan
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
+from fastdd.models import resolve_model_name
 from fastdd.ops import mean_match
 from fastdd.sync import host_only
 
@@ -79,10 +80,11 @@ def batchnorm_plan(engine, net, syn_rows: int, real_rows: int, cotangents: int =
     real_bytes = engine.row_bytes(net, False)
     need = syn_rows * (engine.row_bytes(net, True) + (cotangents - 1) * real_bytes) + real_rows * real_bytes
     if need > engine.memory_budget:
+        model = resolve_model_name(engine.config.model, engine.train.image_size)
         raise ValueError(f"config key 'memory_budget' ({engine.memory_budget / 2**20:.0f} MiB) is too small for "
-                         f"model {engine.config.model!r}: its BatchNorm statistics couple all classes, so DM runs "
-                         f"them in one pass needing ≈{need / 2**20:.0f} MiB; raise memory_budget or use a model "
-                         f"without BatchNorm (e.g. ConvNet), which runs in class chunks")
+                         f"model {model!r}: its BatchNorm statistics couple all classes, so DM runs them in one "
+                         f"pass needing ≈{need / 2**20:.0f} MiB; raise memory_budget or use a model without "
+                         f"BatchNorm (e.g. ConvNet), which runs in class chunks")
     return ChunkPlan([list(range(engine.num_classes))], max(real_rows, 1))
 
 
