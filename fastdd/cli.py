@@ -37,7 +37,7 @@ def _distill(args) -> int:
         distiller.load_state_dict(state)
     os.makedirs(out, exist_ok=True)
     print(f"fastdd: {config.method} on {train.name} (IPC {config.ipc}, {config.iterations} iterations, "
-          f"preset {config.preset}, device {distiller.device}) -> {out}", flush=True)
+          f"model {config.model}, preset {config.preset}, device {distiller.device}) -> {out}", flush=True)
     logger = None
     if config.log == "tensorboard":
         from fastdd.distill.logging import TensorBoardLogger
@@ -223,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_distill)
     e = sub.add_parser("evaluate", help="evaluation protocol on a saved synthetic set")
     e.add_argument("run", help="run directory or synthetic.pt")
-    e.add_argument("--models", default="ConvNet", help="comma-separated model names")
+    e.add_argument("--models", default="auto", help="comma-separated model names (auto: the ConvNet depth for the resolution)")
     e.add_argument("--num-models", type=int, help="models per architecture (default: the run's eval_num_models)")
     e.add_argument("--epochs", type=int, help="training epochs (default: the run's eval_epochs)")
     e.add_argument("--seed", type=int, default=0)

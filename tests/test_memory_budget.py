@@ -71,9 +71,11 @@ def test_activation_bytes_of_a_conv_relu_net_by_hand():
         p.requires_grad_(False)
     sample = torch.zeros(1, 1, 4, 4)  # (as engine.row_bytes passes it: one row of its own)
     x_bytes, out_bytes, weight_bytes = 1 * 4 * 4 * 4, 2 * 4 * 4 * 4, 2 * 1 * 3 * 3 * 4
-    # grad: the input, plus what autograd saves: conv its input and weight, ReLU its output (bias: nothing)
-    assert activation_bytes_per_row(net, sample, grad=True) == x_bytes + (x_bytes + weight_bytes) + out_bytes
+    # grad: the input, plus what autograd saves: conv its input (the input, counted once) and weight (a
+    # parameter: per network, not per row), ReLU its output (bias: nothing)
+    assert activation_bytes_per_row(net, sample, grad=True) == x_bytes + out_bytes
+    assert weight_bytes == 72
     # no grad: the largest input + output pair of a leaf module (ReLU: 128 in + 128 out > conv: 64 + 128)
     assert activation_bytes_per_row(net, sample, grad=False) == out_bytes + out_bytes
     doubled = activation_bytes_per_row(net, sample, grad=True, forward=lambda n, x: n.embed(torch.cat([x, x], 3)))
-    assert doubled == x_bytes + (2 * x_bytes + weight_bytes) + 2 * out_bytes  # a custom forward is what is measured
+    assert doubled == x_bytes + 2 * x_bytes + 2 * out_bytes  # a custom forward is what is measured

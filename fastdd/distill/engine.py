@@ -15,7 +15,7 @@ from fastdd.distill.methods import build_method
 from fastdd.distill.methods.base import on_host
 from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, clamp_to_pixels, lookahead_coefficients,
                                       pixel_step_scale, plain_sgd_group, sequential_class_update)
-from fastdd.models import get_model
+from fastdd.models import get_model, resolve_model_name
 from fastdd.sync import host_only
 
 CHECKPOINT = "checkpoint.pt"
@@ -33,6 +33,9 @@ class Distiller:
 
     def __init__(self, config: DistillConfig, train: ImageDataset, test: ImageDataset | None = None,
                  out_dir: str | None = None, method=None, evaluators=()):
+        # "auto" names become the references' ConvNet depth for the resolution (recorded in the saved config)
+        config.model = resolve_model_name(config.model, train.image_size)
+        config.eval_models = [resolve_model_name(m, train.image_size) for m in config.eval_models]
         self.config = config
         self.train, self.test = train, test
         self.out_dir = out_dir

@@ -60,21 +60,23 @@ def resolve_budget(value, device: torch.device) -> int:
 
 def activation_bytes_per_row(net: torch.nn.Module, sample: torch.Tensor, grad: bool, forward=None) -> int:
     """Bytes one input row costs in a forward of `net` (`forward(net, x)`, default net.embed):
-    grad=True — the tensors autograd saves for backward (measured with saved-tensor hooks), plus the input;
+    grad=True — the tensors autograd saves for backward (measured with saved-tensor hooks; parameters and
+    buffers excluded), plus the input;
     grad=False — the largest input + output pair of any leaf module (what a no-grad pass holds at once)."""
     forward = forward or (lambda n, x: n.embed(x))
     x = sample[:1]
     if grad:
+        x = x.detach().clone().requires_grad_(True)  # a storage of its own: counted once, below
         total = [x.numel() * x.element_size()]
-        seen: set = set()
+        # parameters and buffers are saved too, but once per network, not per row
+        seen = {t.untyped_storage().data_ptr() for t in (*net.parameters(), *net.buffers(), x)}
 
         def pack(t):
-            key = (t.untyped_storage().data_ptr(), t.dtype)
+            key = t.untyped_storage().data_ptr()
             if key not in seen:
                 seen.add(key)
                 total[0] += t.untyped_storage().nbytes()
             return t
-        x = x.detach().requires_grad_(True)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             forward(net, x)
         return int(total[0])
