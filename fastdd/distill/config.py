@@ -31,6 +31,8 @@ class DistillConfig:
     image_size: int | None = None  # imagefolder datasets: side length images are prepared at (None: 64)
     seed: int = 0
     device: str = "auto"
+    deterministic: bool = False  # deterministic algorithms, no atomics in fastdd's kernels (bit-reproducible GPU runs)
+    dist_timeout: int = 300  # seconds a torch.distributed collective may wait before the run stops (torchrun)
     eval_every: int = 0
     eval_models: list = field(default_factory=lambda: ["auto"])
     eval_num_models: int = 3
@@ -45,11 +47,13 @@ class DistillConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("ipc", "iterations", "batch_real", "micro_batch", "eval_num_models", "eval_epochs")
+        positive = ("ipc", "iterations", "batch_real", "micro_batch", "eval_num_models", "eval_epochs", "dist_timeout")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"config key {name!r} must be a positive integer, got {value!r}")
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"config key 'deterministic' must be true or false, got {self.deterministic!r}")
         for name in ("eval_every", "checkpoint_every", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
