@@ -114,7 +114,7 @@ torch.library.register_autograd("fastdd::mean_match_backward", _mean_match_backw
 
 
 def mean_match(real: torch.Tensor, real_seg: torch.Tensor, syn: torch.Tensor, syn_seg: torch.Tensor,
-               num_segments: int, real_to_syn: torch.Tensor | None = None) -> torch.Tensor:
+               num_segments: int, real_to_syn: torch.Tensor | None = None, *, return_diff: bool = False):
     """Per-segment DM loss ``loss[s] = ‖mean(real[real_seg == s]) − mean(syn[syn_seg == real_to_syn[s]])‖²``.
 
     ``real [Nr, D]`` and ``syn [Ns, D]`` share one floating dtype; ``real_seg [Nr]`` and ``syn_seg [Ns]``
@@ -126,6 +126,15 @@ def mean_match(real: torch.Tensor, real_seg: torch.Tensor, syn: torch.Tensor, sy
     Returns ``[num_segments]`` in the input dtype (fp32 accumulation for half types). A segment whose real
     rows or whose matched synthetic rows are empty gives zero loss and sends zero gradient. Differentiable
     w.r.t. ``syn`` and ``real`` (twice); real's gradient is computed only when it requires grad.
+    ``return_diff=True`` returns ``(loss, diff)`` with ``diff [S, D] = μ_real − μ_syn∘real_to_syn`` (0 for a
+    segment with an empty side) in the accumulation dtype (fp32 for half types). In deterministic mode
+    (fastdd.determinism) the pure-torch reference serves it on CPU and CUDA, bit-reproducibly.
     """
     _check(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
-    return torch.ops.fastdd.mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn)[0]
+    if not isinstance(return_diff, bool):
+        raise ValueError(f"mean_match: return_diff must be True or False, got {return_diff!r}")
+    if _registry.bypasses_dispatcher("mean_match", real.device, real.dtype):  # deterministic mode on CPU
+        out = ref.mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
+    else:
+        out = torch.ops.fastdd.mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
+    return out if return_diff else out[0]

@@ -65,7 +65,10 @@ def segment_mean(x: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch
     """Mean of the rows of ``x [N, D]`` per segment id ``seg [N]`` (int64 in ``[0, num_segments)``).
 
     Returns ``[num_segments, D]`` in x's dtype (fp32 accumulation for half types). An empty segment
-    yields a zero row and receives zero gradient. Differentiable w.r.t. ``x`` (twice).
+    yields a zero row and receives zero gradient. Differentiable w.r.t. ``x`` (twice). In deterministic mode
+    (fastdd.determinism) the pure-torch reference serves it on CPU and CUDA, bit-reproducibly.
     """
     _check(x, seg, num_segments)
+    if _registry.bypasses_dispatcher("segment_mean", x.device, x.dtype):  # deterministic mode on CPU
+        return ref.segment_mean(x, seg, num_segments)
     return torch.ops.fastdd.segment_mean(x, seg, num_segments)
