@@ -105,7 +105,7 @@ def test_forced_chunks_equal_one_pass_over_an_outer_iteration(digits):
 
 def test_small_memory_budget_chunks_and_equals_one_pass(digits):
     torch.set_num_threads(1)
-    extra = ["ipc=16", "batch_syn_max=0", "batch_real=32", "inner_loop=1"]
+    extra = ["ipc=40", "batch_syn_max=0", "batch_real=80", "inner_loop=1"]  # 3 classes per 64MiB chunk
     one = engine_for(digits, *extra, "memory_budget=100GB")
     small = engine_for(digits, *extra, "memory_budget=64MiB")
     seen_one, seen = record_chunks(one), record_chunks(small)
@@ -123,8 +123,9 @@ def tiny_classes(num_classes: int, per_class: int = 64, size: int = 8):
     return from_tensors(images, labels, name=f"tiny{num_classes}", num_classes=num_classes)
 
 
-@pytest.mark.parametrize("rows", [["ipc=16", "batch_real=32"], ["ipc=1", "batch_real=64"]])  # syn- / real-heavy
-def test_rows_per_pass_stay_within_the_budget_as_classes_grow(monkeypatch, rows):
+# syn- / real-heavy, at sizes where 64MiB holds 4 to 15 classes (7 at 12 px, 9 at 20 px)
+@pytest.mark.parametrize("rows,size", [(["ipc=16", "batch_real=32"], 12), (["ipc=1", "batch_real=64"], 20)])
+def test_rows_per_pass_stay_within_the_budget_as_classes_grow(monkeypatch, rows, size):
     torch.set_num_threads(1)
     budget = 64 * 2**20
     passes, call = [], ClassGradients.__call__
@@ -136,7 +137,7 @@ def test_rows_per_pass_stay_within_the_budget_as_classes_grow(monkeypatch, rows)
     largest, chunks = [], []
     for classes in (4, 16, 32):
         engine = Distiller(build_config(overrides=[*FAST, *rows, "batch_syn_max=0", "memory_budget=64MiB"]),
-                           tiny_classes(classes))
+                           tiny_classes(classes, size=size))
         passes.append([])
         seen = record_chunks(engine)
         state = engine.method.begin_iteration(engine, 0)

@@ -62,12 +62,12 @@ def test_dm_forced_uneven_chunks_equal_one_pass(digits, assignment, alpha, beta)
 
 def test_dm_small_memory_budget_chunks_and_equals_one_pass(digits):
     torch.set_num_threads(1)
-    extra = ["ipc=200", "init=noise", "beta=0.7"]
+    extra = ["ipc=300", "init=noise", "beta=0.7", "model=ConvNet"]  # 3 classes per 64MiB chunk
     one = clustered(dm_engine(digits, *extra, "memory_budget=100GB"))
     small = clustered(dm_engine(digits, *extra, "memory_budget=64MiB"))
     seen_one, seen = record_dm_chunks(one), record_dm_chunks(small)
     outs = [e.method.compute(e, 1) for e in (one, small)]
-    assert seen_one == [2000] and len(seen) >= 3 and sum(seen) == 2000
+    assert seen_one == [3000] and len(seen) >= 3 and sum(seen) == 3000
     torch.testing.assert_close(outs[1].grad, outs[0].grad, rtol=1e-4, atol=1e-8)
     torch.testing.assert_close(float(outs[1].loss), float(outs[0].loss), rtol=1e-5, atol=0)
 
@@ -97,7 +97,7 @@ def test_gm_forced_uneven_chunks_equal_one_pass(digits, extra):
 
 def test_gm_small_memory_budget_chunks_and_equals_one_pass(digits):
     torch.set_num_threads(1)
-    extra = [*GM_KEYS, "method=robust", "ipc=16", "batch_syn_max=0", "batch_real=32", "inner_loop=1"]
+    extra = [*GM_KEYS, "method=robust", "ipc=32", "batch_syn_max=0", "batch_real=64", "inner_loop=1"]  # 3 a chunk
     one, small = engine_for(digits, *extra, "memory_budget=100GB"), engine_for(digits, *extra, "memory_budget=64MiB")
     seen_one, seen = record_chunks(one, one.method.base), record_chunks(small, small.method.base)
     outs = [gm_step(e) for e in (one, small)]
