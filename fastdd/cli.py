@@ -13,7 +13,7 @@ from fastdd.data.download import DownloadError
 
 
 def _distill(args) -> int:
-    from fastdd.distill import Distiller, build_config
+    from fastdd.distill import Distiller, build_config, distributed
     from fastdd.distill.config import load_yaml
     from fastdd.distill.datasets import load_run_data
     from fastdd.distill.engine import CHECKPOINT
@@ -32,14 +32,26 @@ def _distill(args) -> int:
         out = args.out or os.path.join("runs", f"{config.method}-{config.dataset}-ipc{config.ipc}-{stamp}")
     check_device(config.device)
     train, test, evaluators = load_run_data(config)
-    distiller = Distiller(config, train, test, out_dir=out, evaluators=evaluators)
-    if args.resume:
+    try:
+        return _run_distiller(Distiller(config, train, test, out_dir=out, evaluators=evaluators),
+                              state if args.resume else None, out)
+    finally:
+        distributed.shutdown()  # torchrun: the process group (none in a single process)
+
+
+def _run_distiller(distiller, state, out: str) -> int:
+    """Resume, run, report; under torchrun every rank runs, rank 0 alone prints and writes."""
+    config, train = distiller.config, distiller.train
+    if state is not None:
         distiller.load_state_dict(state)
-    os.makedirs(out, exist_ok=True)
-    print(f"fastdd: {config.method} on {train.name} (IPC {config.ipc}, {config.iterations} iterations, "
-          f"model {config.model}, preset {config.preset}, device {distiller.device}) -> {out}", flush=True)
+    say = print if distiller.shard is None or distiller.shard.rank == 0 else (lambda *a, **k: None)
+    if distiller.writes:
+        os.makedirs(out, exist_ok=True)
+    ranks = "" if distiller.shard is None else f", {distiller.shard.world_size} ranks"
+    say(f"fastdd: {config.method} on {train.name} (IPC {config.ipc}, {config.iterations} iterations, "
+          f"model {config.model}, preset {config.preset}, device {distiller.device}{ranks}) -> {out}", flush=True)
     logger = None
-    if config.log == "tensorboard":
+    if config.log == "tensorboard" and distiller.writes:
         from fastdd.distill.logging import TensorBoardLogger
         logger = TensorBoardLogger(os.path.join(out, "tb"))
     try:
@@ -47,6 +59,8 @@ def _distill(args) -> int:
     finally:
         if logger is not None:
             logger.close(distiller)
+    if say is not print:
+        return 0
     _print_evaluations(metrics.get("evaluations", [])[-1:])
     print(f"fastdd: {metrics['seconds_per_iteration']:.3f} s/iteration, peak memory "
           f"{metrics['peak_memory_mb']:.0f} MB")
@@ -273,10 +287,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         args = parser.parse_args(["distill", *(argv or [])]) if argv else parser.parse_args(["distill"])
+    from fastdd.distill.distributed import PeerError, RankFailure, is_rank_zero
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, DownloadError) as err:
-        print(f"fastdd: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, TypeError, DownloadError, RankFailure) as err:
+        if is_rank_zero() or not isinstance(err, (PeerError, RankFailure)):  # torchrun: one line, on rank 0
+            print(f"fastdd: error: {err}", file=sys.stderr)
         return 2
 
 

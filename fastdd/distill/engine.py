@@ -8,7 +8,7 @@ import torch
 from fastdd.augment import SiameseAugment
 from fastdd.data import ClassSampler, ImageDataset
 from fastdd.data.staging import RealStager, module_to_device, to_device
-from fastdd.distill import artifacts
+from fastdd.distill import artifacts, distributed
 from fastdd.distill.config import DistillConfig
 from fastdd.distill.memory import ChunkPlan, activation_bytes_per_row, plan_chunks, resolve_budget
 from fastdd.distill.methods import build_method
@@ -39,8 +39,12 @@ class Distiller:
         self.config = config
         self.train, self.test = train, test
         self.out_dir = out_dir
-        self.device = resolve_device(config.device)
         self.num_classes = train.num_classes
+        # under torchrun (WORLD_SIZE > 1): this rank's class shard (None: one process owns every class)
+        self.shard, device = distributed.setup(config, train.num_classes)
+        self.device = device or resolve_device(config.device)
+        if self.shard is not None:
+            self.shard.check_same(distributed.fingerprint(config, train))
         self.method = method if method is not None else build_method(config.method, config.method_args)
         self.evaluators = list(evaluators)  # extra_metrics callables for the evaluation protocol
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -61,8 +65,20 @@ class Distiller:
         self._callback = None
         self.memory_budget = resolve_budget(config.memory_budget, self.device)  # bytes for activations
         self._row_bytes: dict = {}  # (model, grad, forward) -> activation bytes per input row
-        if out_dir:
+        if self.writes:
             artifacts.remove_stale_temps(out_dir)
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the run's files (rank 0 of a class-parallel run)."""
+        return bool(self.out_dir) and (self.shard is None or self.shard.rank == 0)
+
+    def sync_synthetic(self) -> None:
+        """Class-parallel runs: every rank's copy of the synthetic set (images and their momentum) made whole
+        from each class's owner, i.e. equal to the one-process state (other ranks' rows go stale in between)."""
+        if self.shard is not None:
+            buf = self.optimizer.state.get(self.synthetic.images, {}).get("momentum_buffer")
+            self.shard.sync_rows([self.synthetic.images, buf], self.synthetic.ipc)
 
     @property
     def syn(self):
@@ -86,6 +102,10 @@ class Distiller:
                             self.train.image_size, **overrides)
         # Built on the CPU: a CUDA build would draw its weights from the CUDA generator (other values than the
         # CPU build of the same seed); moved with one pinned non_blocking copy per dtype.
+        if self.shard is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            raise ValueError(f"model {model or self.config.model!r} uses BatchNorm, whose batch statistics couple "
+                             f"classes held by different ranks: class-parallel runs need a model without "
+                             f"BatchNorm (e.g. ConvNet), or one process")
         net = module_to_device(net, self.device)
         if self.config.channels_last:
             net = net.to(memory_format=torch.channels_last)
@@ -135,7 +155,8 @@ class Distiller:
         if cotangents > 1:
             grad_bytes += (cotangents - 1) * self.row_bytes(net, False, forward, key)
         real_bytes = self.row_bytes(net, grad_real, forward, key)
-        return plan_chunks(self.memory_budget, rows_per_class, grad_bytes, real_rows_per_class, real_bytes, reserved)
+        plan = plan_chunks(self.memory_budget, rows_per_class, grad_bytes, real_rows_per_class, real_bytes, reserved)
+        return plan if self.shard is None else self.shard.restrict(plan)  # this rank's classes only
 
     def draw_augmentation(self):
         if self.augmenter is None:
@@ -260,7 +281,7 @@ class Distiller:
         if not self._prepared:
             self.method.prepare(self)
             self._prepared = True
-        bar = _progress(cfg, self.iteration)
+        bar = _progress(cfg, self.iteration) if distributed.is_rank_zero() else None
         start = time.perf_counter()
         try:
             while self.iteration < cfg.iterations:
@@ -270,13 +291,17 @@ class Distiller:
                 self.history["loss"].append(loss.detach() if torch.is_tensor(loss) else float(loss))
                 if bar is not None:
                     bar.update(1)
-                    if self.iteration % PROGRESS_EVERY == 0 or self.iteration == cfg.iterations:
-                        bar.set_postfix(loss=f"{self.read_losses()[-1]:.4g}")
+                if (bar is not None or self.shard is not None) and (  # every rank reads: a collective
+                        self.iteration % PROGRESS_EVERY == 0 or self.iteration == cfg.iterations):
+                    loss_now = self.read_losses()[-1]
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_now:.4g}")
                 if callback is not None:
                     callback(self, logs)
                 if cfg.eval_every and self.iteration % cfg.eval_every == 0 and self.iteration < cfg.iterations:
                     self.evaluate_now()
-                if self.out_dir and cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
+                # class-parallel: every rank takes part in the gather, whether or not it writes
+                if (self.out_dir or self.shard) and cfg.checkpoint_every and self.iteration % cfg.checkpoint_every == 0:
                     self.history["seconds"] += time.perf_counter() - start
                     start = time.perf_counter()
                     self.save_checkpoint()
@@ -291,16 +316,18 @@ class Distiller:
         if self.test is None:
             return {}
         cfg = self.config
+        self.sync_synthetic()
         images, labels = self.final_set()
-        result = evaluate_synthetic(images, labels, self.test, models=tuple(cfg.eval_models),
-                                    num_models=cfg.eval_num_models, epochs=cfg.eval_epochs, seed=cfg.seed,
-                                    device=self.device, extra_metrics=self.evaluators or None)
+        evaluate = evaluate_synthetic if self.shard is None else self.shard.evaluate  # models spread over ranks
+        result = evaluate(images, labels, self.test, models=tuple(cfg.eval_models), num_models=cfg.eval_num_models,
+                          epochs=cfg.eval_epochs, seed=cfg.seed, device=self.device,
+                          extra_metrics=self.evaluators or None)
         entry = {"iteration": self.iteration, **result}
         self.history["evaluations"].append(entry)
         hook = getattr(self._callback, "on_evaluation", None)
         if hook:
             hook(entry)
-        if self.out_dir:
+        if self.writes:
             artifacts.save_grid(os.path.join(self.out_dir, f"grid_{self.iteration:06d}.png"), images, labels,
                                 self.train.mean, self.train.std)
         return entry
@@ -312,13 +339,14 @@ class Distiller:
         return decode(self, images, labels) if decode else (images, labels)
 
     def read_losses(self) -> list:
-        """history["loss"] as floats: the tensors logged since the last read are copied to the host in one go."""
+        """history["loss"] as floats: the tensors logged since the last read are copied to the host in one go
+        (class-parallel: summed over ranks, each rank's loss being its classes' part, in one collective)."""
         losses = self.history["loss"]
         pending = losses[self._losses_read:]
-        if any(torch.is_tensor(v) for v in pending):
+        if pending and (self.shard is not None or any(torch.is_tensor(v) for v in pending)):
             values = torch.stack([torch.as_tensor(v, dtype=torch.float64).to(self.device).reshape(())
-                                  for v in pending]).tolist()
-            losses[self._losses_read:] = values
+                                  for v in pending])
+            losses[self._losses_read:] = (values if self.shard is None else self.shard.sum(values)).tolist()
         self._losses_read = len(losses)
         return losses
 
@@ -326,7 +354,8 @@ class Distiller:
         if not self.history["evaluations"] or self.history["evaluations"][-1]["iteration"] != self.iteration:
             self.evaluate_now()
         metrics = self.metrics()
-        if self.out_dir:
+        self.sync_synthetic()
+        if self.writes:
             images, labels = self.synthetic.detached()
             artifacts.save_synthetic(os.path.join(self.out_dir, "synthetic.pt"), images, labels, self.train,
                                      self.config.to_dict(), extra=self.method_extra())
@@ -354,7 +383,9 @@ class Distiller:
 
     # ---- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The whole run's state (class-parallel: gathered on every rank, so any world size can resume it)."""
         self.read_losses()
+        self.sync_synthetic()
         return {"iteration": self.iteration, "images": self.synthetic.images.detach().cpu(),
                 "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
                 "history": self.history, "config": self.config.to_dict(), "method": self.method.state_dict()}
@@ -366,12 +397,16 @@ class Distiller:
         self.generator.set_state(state["generator"])
         self.iteration = state["iteration"]
         self.history = state["history"]
-        self._losses_read = 0
+        losses = self.history["loss"]  # saved ones are floats (and already summed over ranks)
+        self._losses_read = next((i for i, v in enumerate(losses) if torch.is_tensor(v)), len(losses))
         self.method.load_state_dict(state["method"])
 
-    def save_checkpoint(self) -> str:
+    def save_checkpoint(self) -> str | None:
+        state = self.state_dict()  # every rank takes part in the gather
+        if not self.writes:
+            return None
         path = os.path.join(self.out_dir, CHECKPOINT)
-        artifacts.save_torch(self.state_dict(), path)
+        artifacts.save_torch(state, path)  # temp file + rename: the previous checkpoint stays until then
         return path
 
 

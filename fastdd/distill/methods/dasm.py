@@ -143,6 +143,7 @@ class DASM(Method):
                   "ipc": engine.config.ipc // k, "p": p[segment], "window": None}
         pool = None
         if segment > 0:
+            engine.sync_synthetic()  # class-parallel: the earlier segments whole on every rank (scorer replicated)
             buf = engine.optimizer.state.get(engine.synthetic.images, {}).get("momentum_buffer")
             if buf is not None:
                 buf.zero_()
@@ -173,7 +174,8 @@ class DASM(Method):
     def _evaluate(self, engine, images, labels) -> dict:
         from fastdd.evaluate import evaluate_synthetic
         cfg = engine.config
-        return evaluate_synthetic(images, labels, engine.test, models=tuple(cfg.eval_models),
+        evaluate = evaluate_synthetic if getattr(engine, "shard", None) is None else engine.shard.evaluate
+        return evaluate(images, labels, engine.test, models=tuple(cfg.eval_models),
                                   num_models=cfg.eval_num_models, epochs=cfg.eval_epochs, seed=cfg.seed,
                                   device=engine.device, extra_metrics=engine.evaluators or None)
 
