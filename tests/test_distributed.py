@@ -168,3 +168,24 @@ def test_single_process_has_no_shard_and_refuses_nothing():
     engine = Distiller(build_config(overrides=[*DM, "model=ConvNetBN"]), dist_worker.dataset("digits")[0])
     assert engine.shard is None and engine.writes is False
     engine.new_network()  # BatchNorm is fine in one process
+
+
+def test_torchrun_cli_equals_one_process_and_only_rank_zero_prints(tmp_path):
+    out = str(tmp_path / "run")
+    overrides = [*DM, "iterations=2", "checkpoint_every=1", "eval_epochs=1", "eval_num_models=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(_free_port()), "-m", "fastdd", "distill", "--out", out, *overrides]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("fastdd: dm on digits") == 1 and "2 ranks" in done.stdout
+    assert done.stdout.count("fastdd: artifacts in") == 1
+    saved = torch.load(os.path.join(out, "synthetic.pt"), weights_only=False)
+    torch.set_num_threads(1)
+    single = dist_worker.run_job({"name": "cli", "data": "run", "overrides": overrides})
+    assert torch.equal(saved["images"], single["images"])
+    with open(os.path.join(out, "metrics.json")) as f:
+        assert json.load(f)["evaluations"] == json.loads(json.dumps(single["evaluations"]))
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["iteration"] == 2
