@@ -120,6 +120,7 @@ def child(case: dict) -> dict:
     timed = times[1:]
     return {**case, "model": engine.config.model, "s_per_iteration_median": float(np.median(timed)),
             "s_per_iteration_min": min(timed), "s_per_iteration_max": max(timed), "warmup_s": times[0],
+            "s_per_iteration_samples": timed,
             "chunks": max(plans) if plans else None, "peak_rss_mb": _peak_rss_mb(), "final_loss": loss,
             "real_rows_per_iteration": k * case["batch_real"]}
 
@@ -161,13 +162,17 @@ def main() -> None:
     p.add_argument("--folder", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastdd-scale-folder"))
     p.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "fastdd-scale-prepared"))
     p.add_argument("--classes", type=int, default=100)
-    p.add_argument("--per-class", type=int, default=260)
+    p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--sizes", default="64,128")
     p.add_argument("--class-counts", default="10,50,100")
     p.add_argument("--methods", default="dm,gm")
     p.add_argument("--budget", default="8GB")
     p.add_argument("--batch-real", type=int, default=32)
-    p.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
+    p.add_argument("--iterations", type=int, default=2, help="timed dm iterations after one warm-up")
+    p.add_argument("--gm-iterations", type=int, default=1, help="timed gm iterations after one warm-up")
+    p.add_argument("--gm-sizes", default="64", help="sizes gm runs at (gm at 128 px costs ~30 min here)")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the chunked vs one-pass pair")
+    p.add_argument("--chunk-budget", default="600MB", help="budget that splits the pair's classes into chunks")
     p.add_argument("--baseline-images", type=int, default=1500)
     p.add_argument("--smoke", action="store_true", help="tiny folder and cases (checks the script runs)")
     p.add_argument("--out", default=os.path.join(RESULTS, "scale_cpu.json"))
@@ -192,32 +197,41 @@ def main() -> None:
         report["prepare"].append(bench_prepare(a.folder, f"{a.work}-{size}", size, os.cpu_count(), a.baseline_images))
         print(report["prepare"][-1], flush=True)
     rows = []
+    gm_sizes = sizes if a.smoke else [int(s) for s in a.gm_sizes.split(",")]
     for size in sizes:
         for method in a.methods.split(","):
+            if method == "gm" and size not in gm_sizes:
+                continue
             for classes in [int(c) for c in a.class_counts.split(",")]:
-                for ipc in ((10, 50) if (size == 64 and classes == a.classes and method == "dm") else (10,)):
+                for ipc in ((10, 50) if (size == sizes[0] and classes == a.classes and method == "dm") else (10,)):
                     case = {"data": f"{a.work}-{size}", "size": size, "method": method, "classes": classes,
                             "ipc": 2 if a.smoke else ipc, "batch_real": a.batch_real, "budget": a.budget,
-                            "iterations": a.iterations, "keys": gm_keys if method == "gm" else {}}
+                            "iterations": a.gm_iterations if method == "gm" else a.iterations,
+                            "keys": gm_keys if method == "gm" else {}}
                     rows.append(run_child(case))
                     print(rows[-1], flush=True)
     report["cases"] = rows
     small = min(int(c) for c in a.class_counts.split(","))
     report["chunked_vs_one_pass"] = []
-    for method in a.methods.split(","):
-        pair = []
-        for budget in ("64GB", "forced" if a.smoke else "600MB"):
-            case = {"data": f"{a.work}-{sizes[0]}", "size": sizes[0], "method": method, "classes": small,
-                    "ipc": 2 if a.smoke else 10, "batch_real": a.batch_real,
-                    "budget": "200MB" if budget == "forced" else budget, "iterations": max(a.iterations, 3),
-                    "keys": gm_keys if method == "gm" else {}}
-            pair.append(run_child(case))
-        if all("s_per_iteration_median" in r for r in pair):
-            report["chunked_vs_one_pass"].append({"method": method, "one_pass": pair[0], "chunked": pair[1],
-                                                  "time_ratio": pair[1]["s_per_iteration_median"]
-                                                  / pair[0]["s_per_iteration_median"]})
-        else:
-            report["chunked_vs_one_pass"].append({"method": method, "rows": pair})
+    for method in a.methods.split(","):  # interleaved A B A B, each child one warm-up then timed iterations
+        keys = {**gm_keys, "class_chunk": small} if method == "gm" else {}  # gm: no CPU cache-size cap
+        runs = {"one_pass": [], "chunked": []}
+        for _ in range(a.rounds):
+            for label, budget in (("one_pass", "64GB"), ("chunked", "200MB" if a.smoke else a.chunk_budget)):
+                runs[label].append(run_child({"data": f"{a.work}-{sizes[0]}", "size": sizes[0], "method": method,
+                                              "classes": small, "ipc": 2 if a.smoke else 10,
+                                              "batch_real": a.batch_real, "budget": budget,
+                                              "iterations": 2, "keys": keys}))
+        entry = {"method": method, "classes": small, "runs": runs}
+        try:
+            med = {k: float(np.median([t for r in v for t in r["s_per_iteration_samples"]])) for k, v in runs.items()}
+            entry.update({"one_pass_s": med["one_pass"], "chunked_s": med["chunked"],
+                          "chunks": [r["chunks"] for r in runs["chunked"]],
+                          "time_ratio": med["chunked"] / med["one_pass"]})
+        except KeyError:
+            entry["error"] = "a run failed (see runs)"
+        report["chunked_vs_one_pass"].append(entry)
+        print({k: v for k, v in entry.items() if k != "runs"}, flush=True)
     report["cli"] = []
     for method in a.methods.split(","):
         args = ["distill", "--dataset", "prepared", "--data-dir", f"{a.work}-{sizes[0]}", "--method", method,
