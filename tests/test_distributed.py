@@ -173,11 +173,12 @@ def test_single_process_has_no_shard_and_refuses_nothing():
 def test_torchrun_cli_equals_one_process_and_only_rank_zero_prints(tmp_path):
     out = str(tmp_path / "run")
     overrides = [*DM, "iterations=2", "checkpoint_every=1", "eval_epochs=1", "eval_num_models=2"]
+    cli_overrides = [*overrides, "progress=true"]  # rank 0's bar reads the loss: every rank must join
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-           "--master-port", str(_free_port()), "-m", "fastdd", "distill", "--out", out, *overrides]
+           "--master-port", str(_free_port()), "-m", "fastdd", "distill", "--out", out, *cli_overrides]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("fastdd: dm on digits") == 1 and "2 ranks" in done.stdout
