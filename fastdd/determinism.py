@@ -7,9 +7,10 @@ import torch
 
 CUBLAS_WORKSPACE = ":4096:8"
 
-# (op, device type) whose default implementation is not bit-reproducible; deterministic mode serves them with the
-# pure-torch reference (index_add_ sums: rows in index order on CPU, a sort-based kernel on CUDA under
-# torch.use_deterministic_algorithms). Every other op/device pair reduces in a fixed order (see README).
+# (op, device type) whose default implementation is not bit-reproducible. Deterministic mode serves them on CUDA with
+# an atomic-free Triton variant (fastdd.triton.ordered_sums; float64 with the reference under torch's deterministic
+# algorithms) and on CPU with the pure-torch reference (index_add_ adds rows in index order at any thread count).
+# Every other op/device pair already reduces in a fixed order.
 NONDETERMINISTIC = {
     ("segment_mean", "cuda"): "the Triton kernel flushes fp32 partial sums with tl.atomic_add",
     ("mean_match", "cuda"): "the Triton kernel flushes fp32 partial sums with tl.atomic_add",
@@ -28,8 +29,8 @@ def is_deterministic() -> bool:
     return _state["on"]
 
 
-def needs_reference(op: str, device_type: str, deterministic: bool) -> bool:
-    """Whether `op` on `device_type` must leave its default kernel for the deterministic reference."""
+def needs_deterministic_path(op: str, device_type: str, deterministic: bool) -> bool:
+    """Whether `op` on `device_type` must leave its default kernel for a bit-reproducible one."""
     return bool(deterministic) and (op, device_type) in NONDETERMINISTIC
 
 

@@ -8,8 +8,9 @@ import torch
 import fastdd.ops as ops
 from fastdd import determinism
 from fastdd.ops import _registry
-from fastdd.ops._registry import CPP, REFERENCE, TRITON, provider_for
+from fastdd.ops._registry import CPP, REFERENCE, TRITON, TRITON_DETERMINISTIC, provider_for
 from fastdd.reference import mean_match as ref_mm, segment_mean as ref_sm
+from conftest import TOLERANCES, requires_cuda, triton_or_skip
 
 CPU = torch.device("cpu")
 ROUTED_CUDA = ("segment_mean", "mean_match", "mean_match_backward")
@@ -78,7 +79,8 @@ def test_cuda_provider(op, dtype):
         pytest.skip("triton is not installed: every CUDA op is the reference")
     fp64_ref = dtype == torch.float64 and _registry._PROVIDERS[op]["fp64_reference"]
     assert provider_for(op, "cuda", dtype, False) == (REFERENCE if fp64_ref else TRITON)
-    assert provider_for(op, "cuda:0", dtype, True) == (REFERENCE if op in ROUTED_CUDA or fp64_ref else TRITON)
+    expected = REFERENCE if fp64_ref else TRITON_DETERMINISTIC if op in ROUTED_CUDA else TRITON
+    assert provider_for(op, "cuda:0", dtype, True) == expected
 
 
 @pytest.mark.parametrize("op", ROUTED_CUDA + UNROUTED)
@@ -92,7 +94,7 @@ def test_cpu_provider(op):
         assert provider_for(op, CPU, torch.float32) == (REFERENCE if routed else CPP)
 
 
-def test_cuda_router_runs_the_reference_under_torch_deterministic_algorithms():
+def test_cuda_router_follows_provider_for(monkeypatch):
     calls = []
 
     def fake(tag):
@@ -101,16 +103,19 @@ def test_cuda_router_runs_the_reference_under_torch_deterministic_algorithms():
             return tag
         return run
 
-    # CPU tensors stand in for CUDA ones: ("mean_match", "cpu") is routed too, ("kmeans_assign", *) never is.
-    mean_match = _registry._cuda_router("mean_match", fake("triton"), fake("reference"))
-    kmeans = _registry._cuda_router("kmeans_assign", fake("triton"), fake("reference"))
-    x32 = torch.zeros(2, 2)
-    assert mean_match(None, x32) == "triton" and calls == [("triton", False)]
+    # CPU tensors stand in for CUDA ones: the router only reads provider_for, here told CPU is served as CUDA is.
+    for op in ("mean_match", "kmeans_assign"):
+        monkeypatch.setitem(_registry._PROVIDERS[op], "cpu", TRITON)
+    mean_match = _registry._cuda_router("mean_match", fake("triton"), fake("deterministic"), fake("reference"))
+    kmeans = _registry._cuda_router("kmeans_assign", fake("triton"), fake("deterministic"), fake("reference"))
+    x32, x64 = torch.zeros(2, 2), torch.zeros(2, 2, dtype=torch.float64)
+    assert mean_match(None, x32) == "triton" and calls == [("triton", False)]  # the first tensor decides
+    assert mean_match(x64) == "reference" and calls[-1] == ("reference", False)
     with determinism.deterministic():
+        assert mean_match(x32) == "deterministic" and kmeans(x32) == "triton"
         torch.use_deterministic_algorithms(False)  # the router re-enables them around the reference
-        assert mean_match(x32) == "reference" and calls[-1] == ("reference", True)
+        assert mean_match(x64) == "reference" and calls[-1] == ("reference", True)
         assert not torch.are_deterministic_algorithms_enabled()
-        assert kmeans(x32) == "triton"
 
 
 def _segments(n, s, d, seed):
@@ -191,7 +196,81 @@ def test_spectral_surgery_deterministic_across_runs_at_a_fixed_thread_count():
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none visible)")
+class _Forbidden:
+    """Stands in for an atomic kernel: any launch fails the test."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("an atomic kernel was launched in deterministic mode")
+
+
+def _forbid_atomic_kernels(monkeypatch):
+    from fastdd.triton import mean_match as tri_mm, segment_mean as tri_sm
+    for module, name in ((tri_sm, "_segment_sum_kernel"), (tri_mm, "_sums_kernel"), (tri_mm, "_syn_table_kernel")):
+        monkeypatch.setattr(module, name, _Forbidden())
+    return tri_mm, tri_sm
+
+
+@pytest.mark.parametrize("D", [5, 300])  # 300: two column blocks
+def test_ordered_segment_sum_matches_fp64_sums(D):
+    triton_or_skip()
+    from fastdd.triton.ordered_sums import ordered_segment_sum_fp32
+    g = torch.Generator().manual_seed(6)
+    seg = torch.tensor([3, 0, 3, 3] * 20 + [0, 5])  # unsorted; 1, 2 and 4 empty; segment 3 spans two row tiles
+    x = torch.randn(seg.shape[0], D, generator=g)
+    sums, counts = ordered_segment_sum_fp32(x, seg, 6)
+    expected = torch.zeros(6, D, dtype=torch.float64).index_add_(0, seg, x.double())
+    torch.testing.assert_close(sums, expected.float(), atol=1e-5, rtol=1e-5)
+    assert counts.tolist() == [21, 0, 0, 60, 0, 1]
+    empty, none = ordered_segment_sum_fp32(x[:0], seg[:0], 3)
+    assert torch.equal(empty, torch.zeros(3, D)) and none.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_deterministic_variants_match_the_reference_without_atomics(dtype, monkeypatch):
+    triton_or_skip()
+    tri_mm, tri_sm = _forbid_atomic_kernels(monkeypatch)
+    g = torch.Generator().manual_seed(7)
+    real_seg = torch.randint(0, 4, (90,), generator=g)
+    real_seg[real_seg == 1] = 2  # real segment 1 is empty (mapped to a non-empty synthetic one below)
+    syn_seg = torch.tensor([0, 1, 1, 3, 0, 3])  # segment 2 has no synthetic rows
+    real, syn = torch.randn(90, 40, generator=g).to(dtype), torch.randn(6, 40, generator=g).to(dtype)
+    tol = TOLERANCES[dtype]
+    for _ in range(2):
+        torch.testing.assert_close(tri_sm.segment_mean(real, real_seg, 4, deterministic=True),
+                                   ref_sm.segment_mean(real.double(), real_seg, 4).to(dtype), **tol)
+    for real_to_syn in (None, torch.tensor([1, 1, 0, 2])):
+        loss, diff = tri_mm.mean_match(real, real_seg, syn, syn_seg, 4, real_to_syn, deterministic=True)
+        loss64, diff64 = ref_mm.mean_match(real.double(), real_seg, syn.double(), syn_seg, 4, real_to_syn)
+        torch.testing.assert_close(loss, loss64.to(dtype), **tol)
+        torch.testing.assert_close(diff, diff64.float(), **tol)
+        grad, grad_diff = torch.randn(4, generator=g).to(dtype), torch.randn(4, 40, generator=g)
+        got = tri_mm.mean_match_backward(grad, diff, grad_diff, real_seg, syn_seg, real_to_syn, True, True, dtype,
+                                         deterministic=True)
+        want = ref_mm.mean_match_backward(grad.double(), diff64, grad_diff.double(), real_seg, syn_seg, real_to_syn,
+                                          True, True, torch.float64)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b.to(dtype), **tol)
+
+
+def test_deterministic_paths_make_no_host_sync(monkeypatch):
+    triton_or_skip()
+    from fastdd.sync import count_host_syncs
+    tri_mm, tri_sm = _forbid_atomic_kernels(monkeypatch)
+    real, real_seg = _segments(50, 3, 8, 8)
+    syn, syn_seg = _segments(6, 3, 8, 9)
+    syn.requires_grad_(True)
+    real_to_syn = torch.tensor([2, 0, 1])
+    with determinism.deterministic(), count_host_syncs(cuda=False) as syncs:
+        tri_sm.segment_mean(real, real_seg, 3, deterministic=True)
+        loss, diff = tri_mm.mean_match(real, real_seg, syn.detach(), syn_seg, 3, real_to_syn, deterministic=True)
+        tri_mm.mean_match_backward(loss, diff, None, real_seg, syn_seg, real_to_syn, False, True, torch.float32,
+                                   deterministic=True)
+        loss = ops.mean_match(real, real_seg, syn, syn_seg, 3, real_to_syn) + ops.segment_mean(syn, syn_seg, 3).sum()
+        loss.sum().backward()
+    syncs.assert_none("deterministic mode")
+
+
+@requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_ops_bit_identical_in_deterministic_mode(dtype):
     dev = torch.device("cuda")
@@ -207,8 +286,12 @@ def test_cuda_ops_bit_identical_in_deterministic_mode(dtype):
         grad = torch.autograd.grad(loss.sum(), syn)[0]
         return loss.detach(), diff.detach(), grad, ops.segment_mean(real, real_seg, 10)
 
+    from fastdd.sync import count_host_syncs
     with determinism.deterministic():
-        results = [run() for _ in range(3)]
+        results = [run() for _ in range(2)]
+        with count_host_syncs(cuda=True) as syncs:
+            results.append(run())
+    syncs.assert_none("deterministic mode on CUDA")
     for other in results[1:]:
         assert all(torch.equal(a, b) for a, b in zip(results[0], other))
     expected = ref_mm.mean_match(real.double(), real_seg, syn.detach().double(), syn_seg, 10, real_to_syn)[0]

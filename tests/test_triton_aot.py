@@ -40,14 +40,15 @@ def _exercise_launchers() -> None:
     seg = torch.tensor([0, 0, 1, 2, 2, 1])
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         x = torch.randn(6, 5, generator=g).to(dtype)
-        segment_mean.segment_mean(x, seg, 3)
+        for deterministic in (False, True):  # True: the atomic-free variants of deterministic mode
+            segment_mean.segment_mean(x, seg, 3, deterministic=deterministic)
+            for real_to_syn in (None, torch.tensor([0, 0, 2])):
+                loss, diff = mean_match.mean_match(x, seg, x[:4], seg[:4], 3, real_to_syn, deterministic=deterministic)
+                for grad, grad_diff in ((loss, None), (None, diff), (loss, diff)):
+                    for real_grad, syn_grad in ((True, True), (False, True)):
+                        mean_match.mean_match_backward(grad, diff, grad_diff, seg, seg[:4], real_to_syn, real_grad,
+                                                       syn_grad, dtype, deterministic=deterministic)
         segment_mean.segment_mean_backward(torch.randn(3, 5).to(dtype), seg)
-        for real_to_syn in (None, torch.tensor([0, 0, 2])):
-            loss, diff = mean_match.mean_match(x, seg, x[:4], seg[:4], 3, real_to_syn)
-            for grad, grad_diff in ((loss, None), (None, diff), (loss, diff)):
-                for real_grad, syn_grad in ((True, True), (False, True)):
-                    mean_match.mean_match_backward(grad, diff, grad_diff, seg, seg[:4], real_to_syn, real_grad,
-                                                   syn_grad, dtype)
         kmeans_assign.kmeans_assign(x, torch.randn(4, 5).to(dtype))
         kmeans_assign.kmeans_assign(x, torch.randn(3, 2, 5).to(dtype), seg)
     for dtype in (torch.float32, torch.float64):
@@ -122,7 +123,7 @@ def test_every_triton_launch_compiles_for_sm80_and_sm90():
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-8000:]
     every = {"_segment_sum_kernel", "_gather_scale_kernel", "_sums_kernel", "_finalize_kernel", "_count_kernel",
              "_syn_table_kernel", "_row_grad_kernel", "_assign_kernel", "_agreement_mask_kernel", "_fwd_kernel",
-             "_bwd_kernel"}
+             "_bwd_kernel", "_ordered_segment_sum_kernel"}
     compiled = {k.rsplit(".", 1)[1] for k in res.stdout.split("kernels: ", 1)[1].strip().split(", ")}
     assert compiled == every
 

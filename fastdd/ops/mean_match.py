@@ -1,4 +1,6 @@
 """Public op fastdd.ops.mean_match: per-segment ‖mean(real) − mean(syn)‖² (the DM loss), with its backward."""
+import functools
+
 import torch
 
 from fastdd.ops import _registry
@@ -14,12 +16,14 @@ _registry.define(
     "mean_match",
     "(Tensor real, Tensor real_seg, Tensor syn, Tensor syn_seg, int num_segments, Tensor? real_to_syn) "
     "-> (Tensor, Tensor)",
-    cpu_reference=ref.mean_match, cuda_triton=tri and tri.mean_match, triton_fp64_reference=True)
+    cpu_reference=ref.mean_match, cuda_triton=tri and tri.mean_match, triton_fp64_reference=True,
+    cuda_triton_deterministic=tri and functools.partial(tri.mean_match, deterministic=True))
 _registry.define(
     "mean_match_backward",
     "(Tensor? grad, Tensor diff, Tensor? grad_diff, Tensor real_seg, Tensor syn_seg, Tensor? real_to_syn, "
     "bool real_grad, bool syn_grad, ScalarType dtype) -> (Tensor, Tensor)",
-    cpu_reference=ref.mean_match_backward, cuda_triton=tri and tri.mean_match_backward, triton_fp64_reference=True)
+    cpu_reference=ref.mean_match_backward, cuda_triton=tri and tri.mean_match_backward, triton_fp64_reference=True,
+    cuda_triton_deterministic=tri and functools.partial(tri.mean_match_backward, deterministic=True))
 
 
 def _acc_dtype(dtype):
@@ -128,7 +132,8 @@ def mean_match(real: torch.Tensor, real_seg: torch.Tensor, syn: torch.Tensor, sy
     w.r.t. ``syn`` and ``real`` (twice); real's gradient is computed only when it requires grad.
     ``return_diff=True`` returns ``(loss, diff)`` with ``diff [S, D] = μ_real − μ_syn∘real_to_syn`` (0 for a
     segment with an empty side) in the accumulation dtype (fp32 for half types). In deterministic mode
-    (fastdd.determinism) the pure-torch reference serves it on CPU and CUDA, bit-reproducibly.
+    (fastdd.determinism) it is bit-reproducible: an atomic-free Triton kernel serves CUDA tensors, the
+    pure-torch reference CPU ones.
     """
     _check(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
     if not isinstance(return_diff, bool):

@@ -1,4 +1,6 @@
 """Public op fastdd.ops.segment_mean: mean of the rows of x carrying each segment id, with backward."""
+import functools
+
 import torch
 
 from fastdd.ops import _registry
@@ -12,7 +14,8 @@ else:  # pragma: no cover - triton is a test dependency
 
 _registry.define(
     "segment_mean", "(Tensor x, Tensor seg, int num_segments) -> Tensor",
-    cpu_reference=ref.segment_mean, cuda_triton=tri and tri.segment_mean, triton_fp64_reference=True)
+    cpu_reference=ref.segment_mean, cuda_triton=tri and tri.segment_mean, triton_fp64_reference=True,
+    cuda_triton_deterministic=tri and functools.partial(tri.segment_mean, deterministic=True))
 _registry.define(
     "segment_mean_backward", "(Tensor grad, Tensor seg) -> Tensor",
     cpu_reference=ref.segment_mean_backward, cuda_triton=tri and tri.segment_mean_backward, triton_fp64_reference=True)
@@ -66,7 +69,8 @@ def segment_mean(x: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch
 
     Returns ``[num_segments, D]`` in x's dtype (fp32 accumulation for half types). An empty segment
     yields a zero row and receives zero gradient. Differentiable w.r.t. ``x`` (twice). In deterministic mode
-    (fastdd.determinism) the pure-torch reference serves it on CPU and CUDA, bit-reproducibly.
+    (fastdd.determinism) it is bit-reproducible: an atomic-free Triton kernel serves CUDA tensors, the
+    pure-torch reference CPU ones.
     """
     _check(x, seg, num_segments)
     if _registry.bypasses_dispatcher("segment_mean", x.device, x.dtype):  # deterministic mode on CPU

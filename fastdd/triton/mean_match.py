@@ -1,10 +1,11 @@
-"""Triton mean_match: one run-length pass over real and syn rows, a per-segment finalize, row-gradient writes."""
+"""Triton mean_match: run-length (atomic) or ordered (atomic-free) segment sums, a finalize, row-gradient writes."""
 import torch
 import triton
 import triton.language as tl
 
 from fastdd.ops._checks import check_ids_in_range
 from fastdd.reference import mean_match as ref
+from fastdd.triton.ordered_sums import ordered_segment_sum_fp32
 
 
 @triton.jit
@@ -158,7 +159,9 @@ def row_counts(seg, num_segments):
     return _counts(seg, seg[:0], num_segments)[:num_segments]
 
 
-def mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn=None, rows: int = 32):
+def mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn=None, rows: int = 32,
+               deterministic: bool = False):
+    """``deterministic=True``: segment sums without atomics (ordered_sums), bit-identical from run to run."""
     if real.dtype == torch.float64:  # Triton accumulates in fp32; float64 keeps its precision via the reference
         return ref.mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn)
     check_ids("mean_match", num_segments, real_seg=real_seg, syn_seg=syn_seg, real_to_syn=real_to_syn)
@@ -168,12 +171,18 @@ def mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn=None, row
     diff = torch.zeros(S, D, dtype=torch.float32, device=real.device)
     if S == 0 or D == 0:
         return loss, diff
-    sums = torch.zeros(2 * S, D, dtype=torch.float32, device=real.device)
-    counts = torch.zeros(2 * S, dtype=torch.int32, device=real.device)
-    n_real = triton.cdiv(Nr, rows)
     block_d = _block_d(D)
+    if deterministic:
+        sums = torch.empty(2 * S, D, dtype=torch.float32, device=real.device)
+        n_r = ordered_segment_sum_fp32(real, real_seg, S, out=sums[:S])[1]
+        n_s = ordered_segment_sum_fp32(syn, syn_seg, S, out=sums[S:])[1]
+        counts = torch.cat([n_r, n_s]).to(torch.int32)
+    else:
+        sums = torch.zeros(2 * S, D, dtype=torch.float32, device=real.device)
+        counts = torch.zeros(2 * S, dtype=torch.int32, device=real.device)
+    n_real = triton.cdiv(Nr, rows)
     grid = (n_real + triton.cdiv(Ns, rows), triton.cdiv(D, block_d))
-    if grid[0] > 0:
+    if grid[0] > 0 and not deterministic:
         _sums_kernel[grid](real, real_seg.contiguous(), syn, syn_seg.contiguous(), sums, counts, Nr, Ns, S, D,
                            real.stride(0), syn.stride(0), n_real, ROWS=rows, BLOCK_D=block_d)
     mapping = real_to_syn.contiguous() if real_to_syn is not None else counts
@@ -182,7 +191,21 @@ def mean_match(real, real_seg, syn, syn_seg, num_segments, real_to_syn=None, row
     return loss, diff
 
 
-def mean_match_backward(grad, diff, grad_diff, real_seg, syn_seg, real_to_syn, real_grad, syn_grad, dtype):
+def _syn_cotangents(grad, diff, grad_diff, counts, real_to_syn):
+    """valid[s]·(2·grad[s]·diff[s] + grad_diff[s]) per real segment s, fp32 [S, D] (what _syn_table_kernel adds)."""
+    S = diff.shape[0]
+    h = torch.zeros_like(diff, dtype=torch.float32)
+    if grad is not None:
+        h += 2.0 * grad.float()[:, None] * diff
+    if grad_diff is not None:
+        h += grad_diff.float()
+    valid = (counts[:S] > 0) & (counts[S:][real_to_syn] > 0)
+    return h * valid[:, None]
+
+
+def mean_match_backward(grad, diff, grad_diff, real_seg, syn_seg, real_to_syn, real_grad, syn_grad, dtype,
+                        deterministic: bool = False):
+    """``deterministic=True``: the real_to_syn table is summed without atomics (ordered_sums)."""
     S, D = diff.shape
     if diff.dtype == torch.float64:
         return ref.mean_match_backward(grad, diff, grad_diff, real_seg, syn_seg, real_to_syn, real_grad,
@@ -212,9 +235,13 @@ def mean_match_backward(grad, diff, grad_diff, real_seg, syn_seg, real_to_syn, r
                                    SIGN=-1.0, HAS_G=has_g, HAS_GD=has_gd, CHECK_PARTNER=True, HAS_MAP=False,
                                    BLOCK_N=block_n, BLOCK_D=block_d)
         else:
-            table = torch.zeros(S, D, dtype=torch.float32, device=diff.device)
-            _syn_table_kernel[(S, triton.cdiv(D, block_d))](g, diff, gd, counts, mapping, table, S, D,
-                                                            HAS_G=has_g, HAS_GD=has_gd, BLOCK_D=block_d)
+            if deterministic:
+                table = ordered_segment_sum_fp32(_syn_cotangents(grad, diff, grad_diff, counts, mapping), mapping,
+                                                 S)[0]
+            else:
+                table = torch.zeros(S, D, dtype=torch.float32, device=diff.device)
+                _syn_table_kernel[(S, triton.cdiv(D, block_d))](g, diff, gd, counts, mapping, table, S, D,
+                                                                HAS_G=has_g, HAS_GD=has_gd, BLOCK_D=block_d)
             _row_grad_kernel[grid](syn_seg.contiguous(), g, diff, table, counts[S:], counts, mapping, grad_syn,
                                    Ns, D, SIGN=-1.0, HAS_G=False, HAS_GD=True, CHECK_PARTNER=False,
                                    HAS_MAP=False, BLOCK_N=block_n, BLOCK_D=block_d)

@@ -1,4 +1,4 @@
-"""Triton segment_mean: run-length segment sums and counts flushed with atomics, then a gather-scale backward."""
+"""Triton segment_mean: run-length sums flushed with atomics (or ordered, atomic-free sums), gather-scale backward."""
 import torch
 import triton
 import triton.language as tl
@@ -6,6 +6,7 @@ import triton.language as tl
 from fastdd.ops._checks import check_ids_in_range
 from fastdd.reference import segment_mean as ref
 from fastdd.triton.mean_match import _run_sums, row_counts
+from fastdd.triton.ordered_sums import ordered_segment_sum_fp32
 
 
 @triton.jit
@@ -51,11 +52,13 @@ def segment_sum_fp32(x: torch.Tensor, seg: torch.Tensor, num_segments: int, rows
     return out, counts
 
 
-def segment_mean(x: torch.Tensor, seg: torch.Tensor, num_segments: int) -> torch.Tensor:
+def segment_mean(x: torch.Tensor, seg: torch.Tensor, num_segments: int, deterministic: bool = False) -> torch.Tensor:
+    """``deterministic=True``: sums without atomics (ordered_sums), bit-identical from run to run."""
     if x.dtype == torch.float64:  # the kernels accumulate in fp32; float64 keeps its precision via the reference
         return ref.segment_mean(x, seg, num_segments)
     check_ids_in_range("segment_mean", "seg", seg, num_segments)
-    sums, counts = segment_sum_fp32(x, seg, num_segments)
+    summed = ordered_segment_sum_fp32 if deterministic else segment_sum_fp32
+    sums, counts = summed(x, seg, num_segments)
     return (sums / counts.clamp_min(1)[:, None]).to(x.dtype)
 
 
