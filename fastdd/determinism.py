@@ -10,7 +10,11 @@ CUBLAS_WORKSPACE = ":4096:8"
 # (op, device type) whose default implementation is not bit-reproducible. Deterministic mode serves them on CUDA with
 # an atomic-free Triton variant (fastdd.triton.ordered_sums; float64 with the reference under torch's deterministic
 # algorithms) and on CPU with the pure-torch reference (index_add_ adds rows in index order at any thread count).
-# Every other op/device pair already reduces in a fixed order.
+# Every other op/device pair already reduces in a fixed order: segment_mean_backward (gather-scale; int32 atomic
+# counts are exact), kmeans_assign (per-row argmin; its centroid gradient's index_add is deterministic under torch's
+# flag), cvar (topk and a sum), norm_act_pool fwd/bwd (one program or task per (n, c) plane, dw/db by torch sums),
+# agreement_mask (per-bin, fixed domain order). CPU spectral_surgery: torch's MKL irfft2 rounds differently at
+# different thread counts (run to run it is identical).
 NONDETERMINISTIC = {
     ("segment_mean", "cuda"): "the Triton kernel flushes fp32 partial sums with tl.atomic_add",
     ("mean_match", "cuda"): "the Triton kernel flushes fp32 partial sums with tl.atomic_add",
