@@ -143,9 +143,9 @@ def test_batchnorm_model_is_refused_on_every_rank(runs):
 def test_dying_rank_fails_the_other_within_the_timeout_and_keeps_the_checkpoint(tmp_path):
     """Rank 0 runs `fastdd distill`; rank 1 the same run through the engine, dying after iteration 3 (after the
     checkpoint at 2): rank 0 stops with one error line, well within its timeout, the checkpoint intact."""
-    out = str(tmp_path / "run")
+    out, rank1_out = str(tmp_path / "run"), str(tmp_path / "rank1")
     job = {"name": "fault", "data": "run", "overrides": [*DM, "iterations=6", "checkpoint_every=2"],
-           "cli": ["distill", "--out", out], "cli_ranks": [0], "exit_after": 3}
+           "cli": ["distill", "--out", out], "cli_ranks": [0], "exit_after": 3, "out": rank1_out}
     outs, codes, seconds, errors = launch(str(tmp_path), "fault", [job], dist_timeout=20, wait=90)
     assert codes == [0, 3], errors
     assert outs[0]["fault"]["code"] == 2
@@ -154,6 +154,7 @@ def test_dying_rank_fails_the_other_within_the_timeout_and_keeps_the_checkpoint(
     state = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)
     assert state["iteration"] == 2 and not [n for n in os.listdir(out) if n.startswith(".tmp-")]
     assert outs[0]["fault"]["seconds"] < 60
+    assert not os.path.exists(rank1_out)  # only rank 0 writes
 
 
 def test_class_ranges_are_balanced_contiguous_and_restrict_the_plan():
@@ -172,8 +173,9 @@ def test_single_process_has_no_shard_and_refuses_nothing():
 
 def test_torchrun_cli_equals_one_process_and_only_rank_zero_prints(tmp_path):
     out = str(tmp_path / "run")
-    overrides = [*DM, "iterations=2", "checkpoint_every=1", "eval_epochs=1", "eval_num_models=2"]
-    cli_overrides = [*overrides, "progress=true"]  # rank 0's bar reads the loss: every rank must join
+    # rank 0's bar reads the loss at iteration 25 (PROGRESS_EVERY), the checkpoint at 13 and 26: every rank must join
+    overrides = [*DM, "iterations=26", "checkpoint_every=13", "eval_epochs=1", "eval_num_models=2"]
+    cli_overrides = [*overrides, "progress=true"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -189,4 +191,4 @@ def test_torchrun_cli_equals_one_process_and_only_rank_zero_prints(tmp_path):
     assert torch.equal(saved["images"], single["images"])
     with open(os.path.join(out, "metrics.json")) as f:
         assert json.load(f)["evaluations"] == json.loads(json.dumps(single["evaluations"]))
-    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["iteration"] == 2
+    assert torch.load(os.path.join(out, "checkpoint.pt"), weights_only=False)["iteration"] == 26
