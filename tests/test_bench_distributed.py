@@ -91,6 +91,18 @@ def test_scaling_against_one_rank_one_thread_and_two_threads():
                                                 "speedup_vs_1_rank_2_threads": 0.75}]
 
 
+def test_row_takes_each_iterations_slowest_rank_and_rank0_bytes():
+    def rank(seconds, loss_bytes):
+        return {"seconds": seconds, "loop_wall_s": sum(seconds) + 0.5, "model": "ConvNet", "classes": 2, "counts": {},
+                "bytes": {"setup": 100, "iterations": 30, "loss read": loss_bytes, "final gather": 4096}}
+    result = {"ranks": [rank([1.0, 3.0, 0.5], 24), rank([2.0, 1.0, 4.0], 0)]}
+    row = bench_distributed.row_from(result, {"ranks": 2, "threads": 1}, "c", "dm", "cpu", [1, 1, 1], [2, 2, 2])
+    assert (row["median_s"], row["min_s"], row["max_s"]) == (3.0, 2.0, 4.0)
+    assert row["loop_wall_s_per_iteration"] == pytest.approx(7.5 / 3)
+    assert row["comm_bytes_per_iteration"] == (30 + 24) / 3
+    assert row["comm_bytes_per_run"] == {"setup": 100, "final gather": 4096}
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="--methods"):
         bench_distributed.main(["--methods", "dm,bogus"])
@@ -98,3 +110,5 @@ def test_bad_arguments_are_named():
         bench_distributed.main(["--iterations", "0"])
     with pytest.raises(ValueError, match="--warmup"):
         bench_distributed.main(["--warmup", "-1"])
+    with pytest.raises(ValueError, match="--cases"):
+        bench_distributed.main(["--cases", "cifar100,mnist"])
