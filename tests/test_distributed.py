@@ -176,7 +176,8 @@ def test_torchrun_cli_equals_one_process_and_only_rank_zero_prints(tmp_path):
     # rank 0's bar reads the loss at iteration 25 (PROGRESS_EVERY), the checkpoint at 13 and 26: every rank must join
     overrides = [*DM, "iterations=26", "checkpoint_every=13", "eval_epochs=1", "eval_num_models=2"]
     cli_overrides = [*overrides, "progress=true"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",

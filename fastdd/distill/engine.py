@@ -8,7 +8,8 @@ import torch
 from fastdd.augment import SiameseAugment
 from fastdd.data import ClassSampler, ImageDataset
 from fastdd.data.staging import RealStager, module_to_device, to_device
-from fastdd.distill import artifacts, distributed
+from fastdd.distill import artifacts, checkpoint, distributed
+from fastdd.distill.checkpoint import CHECKPOINT  # noqa: F401 (the CLI's name for it)
 from fastdd.distill.config import DistillConfig
 from fastdd.distill.memory import ChunkPlan, activation_bytes_per_row, plan_chunks, resolve_budget
 from fastdd.distill.methods import build_method
@@ -18,7 +19,6 @@ from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, clamp_to_pixe
 from fastdd.models import get_model, resolve_model_name
 from fastdd.sync import host_only
 
-CHECKPOINT = "checkpoint.pt"
 PROGRESS_EVERY = 25  # iterations between progress-bar loss reads (each one waits for the device)
 
 
@@ -381,33 +381,15 @@ class Distiller:
             out.update(method_metrics(self))
         return out
 
-    # ---- checkpoints ----------------------------------------------------------------------
+    # ---- checkpoints (fastdd.distill.checkpoint) --------------------------------------------
     def state_dict(self) -> dict:
-        """The whole run's state (class-parallel: gathered on every rank, so any world size can resume it)."""
-        self.read_losses()
-        self.sync_synthetic()
-        return {"iteration": self.iteration, "images": self.synthetic.images.detach().cpu(),
-                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
-                "history": self.history, "config": self.config.to_dict(), "method": self.method.state_dict()}
+        return checkpoint.engine_state(self)
 
     def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            self.synthetic.images.copy_(state["images"].to(self.device))
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.generator.set_state(state["generator"])
-        self.iteration = state["iteration"]
-        self.history = state["history"]
-        losses = self.history["loss"]  # saved ones are floats (and already summed over ranks)
-        self._losses_read = next((i for i, v in enumerate(losses) if torch.is_tensor(v)), len(losses))
-        self.method.load_state_dict(state["method"])
+        checkpoint.restore(self, state)
 
     def save_checkpoint(self) -> str | None:
-        state = self.state_dict()  # every rank takes part in the gather
-        if not self.writes:
-            return None
-        path = os.path.join(self.out_dir, CHECKPOINT)
-        artifacts.save_torch(state, path)  # temp file + rename: the previous checkpoint stays until then
-        return path
+        return checkpoint.save(self)
 
 
 def _progress(cfg: DistillConfig, initial: int):
