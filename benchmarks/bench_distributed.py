@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     p.add_argument("--cases", default=",".join(CASES), help=f"of {', '.join(CASES)} (ignored with --smoke)")
     p.add_argument("--smoke", action="store_true", help="4 classes, 8 px, 1 timed iteration")
     p.add_argument("--out", default=None)
-    p.add_argument("--timeout-s", type=float, default=1800, help="per launch")
+    p.add_argument("--timeout-s", type=float, default=7200, help="per launch (all jobs of one layout)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
