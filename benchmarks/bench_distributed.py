@@ -278,7 +278,7 @@ def main(argv=None) -> dict:
     extra = SMOKE_OVERRIDES if args.smoke else {}
     jobs = [{"name": f"{case}/{m}", "case": shape, "overrides": [*METHODS[m], *extra.get(m, [])], "warmup": warmup,
              "iterations": iterations} for case, shape in cases.items() for m in methods]
-    out = args.out or DEFAULT_OUT.format(device=args.device)
+    out = args.out or DEFAULT_OUT.format(device=args.device + ("_smoke" if args.smoke else ""))
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "cpus": os.cpu_count(), "device": args.device, "smoke": args.smoke,
               "settings": {"cases": {c: dict(zip(("classes", "side", "model", "real_per_class"), s))
