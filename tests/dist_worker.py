@@ -11,7 +11,6 @@ import torch
 from fastdd.data import from_tensors, load_dataset
 from fastdd.data.domains import rotated_mnist
 from fastdd.distill import Distiller, build_config, distributed
-from fastdd.distill.config import FIELDS, DistillConfig
 from fastdd.distill.methods.sgs_data import domain_generalization_data
 
 
@@ -57,10 +56,7 @@ def main(jobs_path: str, result_path: str) -> None:
     with open(jobs_path) as f:
         spec = json.load(f)
     timeout = spec.get("dist_timeout", 60)
-    if "dist_timeout" in FIELDS:  # the config key, once it exists
-        spec["jobs"] = [{**job, "overrides": job["overrides"] + [f"dist_timeout={timeout}"]} for job in spec["jobs"]]
-    else:  # read by getattr(config, "dist_timeout", 300)
-        DistillConfig.dist_timeout = timeout
+    spec["jobs"] = [{**job, "overrides": job["overrides"] + [f"dist_timeout={timeout}"]} for job in spec["jobs"]]
     rank = int(os.environ.get("RANK", "0"))
     results = {}
     for job in spec["jobs"]:

@@ -157,6 +157,19 @@ def test_dying_rank_fails_the_other_within_the_timeout_and_keeps_the_checkpoint(
     assert not os.path.exists(rank1_out)  # only rank 0 writes
 
 
+def test_rank_that_never_joins_stops_rank_zero_within_the_timeout(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", "RANK": "0",
+           "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")])}
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "fastdd", "distill", "--out", str(tmp_path / "run"), *DM,
+                           "dist_timeout=3"], env=env, capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - start < 60
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fastdd: error: not every rank joined the process group within 3 s")
+
+
 def test_class_ranges_are_balanced_contiguous_and_restrict_the_plan():
     assert [list(balanced_range(10, r, 3)) for r in range(3)] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
     shard = ClassShard.__new__(ClassShard)

@@ -124,7 +124,11 @@ def setup(config, num_classes: int) -> tuple[ClassShard | None, torch.device | N
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=float(getattr(config, "dist_timeout", 300)))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timeout)
+        except RuntimeError as error:  # a rank that never joins: the rendezvous times out
+            raise RankFailure(f"not every rank joined the process group within {timeout.total_seconds():.0f} s "
+                              f"(config key dist_timeout): {str(error).splitlines()[0]}") from error
     return ClassShard(dist.get_rank(), dist.get_world_size(), num_classes, device), device
 
 
