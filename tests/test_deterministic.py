@@ -297,3 +297,29 @@ def test_cuda_ops_bit_identical_in_deterministic_mode(dtype):
     expected = ref_mm.mean_match(real.double(), real_seg, syn.detach().double(), syn_seg, 10, real_to_syn)[0]
     tol = dict(atol=1e-3, rtol=1e-4) if dtype == torch.float32 else dict(atol=5e-2, rtol=2e-2)
     torch.testing.assert_close(results[0][0].double(), expected, **tol)
+
+
+def test_engine_turns_the_mode_on_and_a_later_plain_engine_turns_it_off():
+    from fastdd.data import from_tensors
+    from fastdd.distill import Distiller, build_config
+    g = torch.Generator().manual_seed(0)
+    data = from_tensors(torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8, generator=g), torch.arange(40) % 4)
+    keys = {"device": "cpu", "progress": False, "ipc": 2, "model": "ConvNetW32"}
+    try:
+        Distiller(build_config({**keys, "deterministic": True}), data)
+        assert determinism.is_deterministic() and torch.are_deterministic_algorithms_enabled()
+        Distiller(build_config(keys), data)
+        assert not determinism.is_deterministic() and not torch.are_deterministic_algorithms_enabled()
+    finally:
+        determinism.set_deterministic(False)
+
+
+def test_engine_refuses_deterministic_cuda_runs_with_scale_or_rotate_dsa():
+    from fastdd.distill import build_config
+    from fastdd.distill.engine import check_deterministic
+    cuda = torch.device("cuda")
+    with pytest.raises(ValueError, match="'deterministic'.*scale and rotate"):
+        check_deterministic(build_config({"deterministic": True}), cuda)
+    check_deterministic(build_config({"deterministic": True, "dsa_strategy": "color_crop_cutout_flip"}), cuda)
+    check_deterministic(build_config({"deterministic": True}), torch.device("cpu"))
+    check_deterministic(build_config({"deterministic": False}), cuda)

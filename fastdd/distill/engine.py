@@ -16,10 +16,20 @@ from fastdd.distill.methods import build_method
 from fastdd.distill.methods.base import on_host
 from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, clamp_to_pixels, lookahead_coefficients,
                                       pixel_step_scale, plain_sgd_group, sequential_class_update)
+from fastdd.determinism import is_deterministic, set_deterministic
 from fastdd.models import get_model, resolve_model_name
 from fastdd.sync import host_only
 
 PROGRESS_EVERY = 25  # iterations between progress-bar loss reads (each one waits for the device)
+
+
+def check_deterministic(config: DistillConfig, device: torch.device) -> None:
+    """deterministic=true on CUDA cannot differentiate DSA's scale/rotate (grid_sample has no deterministic
+    CUDA backward): refuse the combination up front instead of failing mid-run."""
+    ops = set((config.dsa_strategy or "").split("_"))
+    if config.deterministic and device.type == "cuda" and ops & {"scale", "rotate"}:
+        raise ValueError("config key 'deterministic'=true on CUDA needs a dsa_strategy without scale and rotate "
+                         f"(grid_sample's CUDA backward is not deterministic); got {config.dsa_strategy!r}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -37,6 +47,9 @@ class Distiller:
         config.model = resolve_model_name(config.model, train.image_size)
         config.eval_models = [resolve_model_name(m, train.image_size) for m in config.eval_models]
         self.config = config
+        check_deterministic(config, resolve_device(config.device))
+        if config.deterministic or is_deterministic():  # (a user's own torch settings are left alone)
+            set_deterministic(config.deterministic)  # before CUDA work: cuBLAS reads its workspace setting once
         self.train, self.test = train, test
         self.out_dir = out_dir
         self.num_classes = train.num_classes

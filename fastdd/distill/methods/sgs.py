@@ -21,7 +21,7 @@ from fastdd.data.staging import to_device
 from fastdd.distill.methods import sgs_data  # noqa: F401  (registers rotated-mnist, colored-mnist, domain-folder)
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import GradientAccumulator, dm_chunks, dm_step
-from fastdd.ops import spectral_surgery
+from fastdd.ops import mean_match, spectral_surgery
 
 SAMPLINGS = ("balanced", "pooled")
 BACKWARDS = ("vmap", "func", "loop")
@@ -47,7 +47,7 @@ def domain_cotangents(real_features, real_cls, real_dom, syn_features, syn_seg, 
     C, D = num_classes, num_domains
     seg = real_cls.to(real_features.device) * D + real_dom.to(real_features.device)
     real_to_syn = torch.arange(C * D, device=seg.device) // D
-    loss, diff = torch.ops.fastdd.mean_match(real_features, seg, syn_features.detach(), syn_seg, C * D, real_to_syn)
+    loss, diff = mean_match(real_features, seg, syn_features.detach(), syn_seg, C * D, real_to_syn, return_diff=True)
     n_syn = class_counts(syn_seg, C, diff.dtype).clamp_min(1)
     cot = diff.view(C, D, -1)[syn_seg] * (-2.0 / n_syn[syn_seg])[:, None, None]
     return loss.view(C, D), cot.transpose(0, 1)
