@@ -137,17 +137,19 @@ def run_cli(args: list[str]) -> dict:
             "stderr_tail": err.strip().splitlines()[-1] if err.strip() else ""}
 
 
-def plot(rows: list[dict], path: str, budget_mb: float) -> None:
+def plot(rows: list[dict], path: str, budget_mb: float, flat_budget_mb: float) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    keys = sorted({(r["method"], r["size"], r["ipc"]) for r in rows if "peak_rss_mb" in r})
-    for method, size, ipc in keys:
+    keys = sorted({(r["method"], r["size"], r["ipc"], r["budget"]) for r in rows if "peak_rss_mb" in r})
+    for method, size, ipc, budget in keys:
         sel = sorted((r["classes"], r["peak_rss_mb"]) for r in rows
-                     if (r["method"], r["size"], r["ipc"]) == (method, size, ipc) and "peak_rss_mb" in r)
-        ax.plot(*zip(*sel), marker="o", label=f"{method} {size}px ipc{ipc}")
-    ax.axhline(budget_mb, color="grey", linestyle="--", label="memory_budget")
+                     if (r["method"], r["size"], r["ipc"], r["budget"]) == (method, size, ipc, budget)
+                     and "peak_rss_mb" in r)
+        ax.plot(*zip(*sel), marker="o", label=f"{method} {size}px ipc{ipc} budget {budget}")
+    ax.axhline(budget_mb, color="grey", linestyle="--", label="memory_budget (large)")
+    ax.axhline(flat_budget_mb, color="grey", linestyle=":", label="memory_budget (small)")
     ax.set_xlabel("classes")
     ax.set_ylabel("peak process RSS (MiB)")
     ax.set_title("fastdd peak memory against the number of classes")
@@ -164,15 +166,16 @@ def main() -> None:
     p.add_argument("--classes", type=int, default=100)
     p.add_argument("--per-class", type=int, default=200)
     p.add_argument("--sizes", default="64,128")
-    p.add_argument("--class-counts", default="10,50,100")
-    p.add_argument("--methods", default="dm,gm")
+    p.add_argument("--class-counts", default="10,50,100", help="dm at the first size")
+    p.add_argument("--class-counts-large", default="10,100", help="dm at the other sizes (128 px: ~100 s/it)")
+    p.add_argument("--gm-class-counts", default="10", help="gm at the first size (~65 s/it at 10 classes here)")
     p.add_argument("--budget", default="8GB")
+    p.add_argument("--flat-budget", default="1GB", help="dm sweep over classes under a budget that forces chunks")
     p.add_argument("--batch-real", type=int, default=32)
     p.add_argument("--iterations", type=int, default=2, help="timed dm iterations after one warm-up")
-    p.add_argument("--gm-iterations", type=int, default=1, help="timed gm iterations after one warm-up")
-    p.add_argument("--gm-sizes", default="64", help="sizes gm runs at (gm at 128 px costs ~30 min here)")
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the chunked vs one-pass pair")
     p.add_argument("--chunk-budget", default="600MB", help="budget that splits the pair's classes into chunks")
+    p.add_argument("--pair-methods", default="dm")
     p.add_argument("--baseline-images", type=int, default=1500)
     p.add_argument("--smoke", action="store_true", help="tiny folder and cases (checks the script runs)")
     p.add_argument("--out", default=os.path.join(RESULTS, "scale_cpu.json"))
@@ -181,47 +184,57 @@ def main() -> None:
         print(json.dumps(child(json.loads(a.child))))
         return
     if a.smoke:
-        a.classes, a.per_class, a.sizes, a.class_counts = 4, 6, "32", "2,4"
-        a.batch_real, a.iterations, a.baseline_images, a.budget = 4, 1, 8, "256MB"
+        a.classes, a.per_class, a.sizes, a.class_counts, a.class_counts_large = 4, 6, "32,16", "2,4", "4"
+        a.gm_class_counts, a.batch_real, a.iterations, a.baseline_images = "2", 4, 1, 8
+        a.budget, a.flat_budget, a.chunk_budget = "256MB", "64MB", "64MB"
         a.folder, a.work = a.folder + "-smoke", a.work + "-smoke"
     import torch
+    ipc = 2 if a.smoke else 10
     gm_keys = {"inner_loop": 2, "n_data": 4 * a.batch_real, "factor": 2}
+    gm_cli_keys = {"inner_loop": 1, "n_data": 2 * a.batch_real, "factor": 1}  # gm at 100 classes: ~10 min/it
     report = {"benchmark": "scale (ImageNet-like generated folder)", "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "cpus": os.cpu_count(), "load_before": os.getloadavg(),
-              "budget": a.budget, "batch_real": a.batch_real, "gm_keys": gm_keys,
+              "budget": a.budget, "batch_real": a.batch_real, "gm_keys": gm_keys, "gm_cli_keys": gm_cli_keys,
               "folder": {"classes": a.classes, "per_class": a.per_class, "sizes_px": "300-500 x 240-500 JPEG q90"}}
+
+    def save():
+        os.makedirs(os.path.dirname(a.out), exist_ok=True)
+        with open(a.out, "w") as f:
+            json.dump(report, f, indent=1)
     report["folder"]["generate_s"] = generate_folder(a.folder, a.classes, a.per_class)
     sizes = [int(s) for s in a.sizes.split(",")]
     report["prepare"] = []
     for size in sizes:
         report["prepare"].append(bench_prepare(a.folder, f"{a.work}-{size}", size, os.cpu_count(), a.baseline_images))
         print(report["prepare"][-1], flush=True)
-    rows = []
-    gm_sizes = sizes if a.smoke else [int(s) for s in a.gm_sizes.split(",")]
-    for size in sizes:
-        for method in a.methods.split(","):
-            if method == "gm" and size not in gm_sizes:
-                continue
-            for classes in [int(c) for c in a.class_counts.split(",")]:
-                for ipc in ((10, 50) if (size == sizes[0] and classes == a.classes and method == "dm") else (10,)):
-                    case = {"data": f"{a.work}-{size}", "size": size, "method": method, "classes": classes,
-                            "ipc": 2 if a.smoke else ipc, "batch_real": a.batch_real, "budget": a.budget,
-                            "iterations": a.gm_iterations if method == "gm" else a.iterations,
-                            "keys": gm_keys if method == "gm" else {}}
-                    rows.append(run_child(case))
-                    print(rows[-1], flush=True)
-    report["cases"] = rows
-    small = min(int(c) for c in a.class_counts.split(","))
+        save()
+
+    def counts(text):
+        return [int(c) for c in text.split(",")]
+    cases = []  # (size, method, classes, ipc, budget, timed iterations, method keys)
+    for classes in counts(a.class_counts):
+        cases.append((sizes[0], "dm", classes, ipc, a.budget, a.iterations, {}))
+    cases.append((sizes[0], "dm", a.classes, 5 * ipc, a.budget, a.iterations, {}))
+    cases += [(sizes[0], "gm", c, ipc, a.budget, 1, gm_keys) for c in counts(a.gm_class_counts)]
+    cases += [(size, "dm", c, ipc, a.budget, 1, {}) for size in sizes[1:] for c in counts(a.class_counts_large)]
+    cases += [(sizes[0], "dm", c, ipc, a.flat_budget, 1, {}) for c in counts(a.class_counts)]
+    report["cases"] = []
+    for size, method, classes, case_ipc, budget, iterations, keys in cases:
+        report["cases"].append(run_child({"data": f"{a.work}-{size}", "size": size, "method": method,
+                                          "classes": classes, "ipc": case_ipc, "batch_real": a.batch_real,
+                                          "budget": budget, "iterations": iterations, "keys": keys}))
+        print(report["cases"][-1], flush=True)
+        save()
+    small = min(counts(a.class_counts))
     report["chunked_vs_one_pass"] = []
-    for method in a.methods.split(","):  # interleaved A B A B, each child one warm-up then timed iterations
+    for method in a.pair_methods.split(","):  # interleaved A B A B, each child one warm-up then timed iterations
         keys = {**gm_keys, "class_chunk": small} if method == "gm" else {}  # gm: no CPU cache-size cap
         runs = {"one_pass": [], "chunked": []}
         for _ in range(a.rounds):
-            for label, budget in (("one_pass", "64GB"), ("chunked", "200MB" if a.smoke else a.chunk_budget)):
+            for label, budget in (("one_pass", "64GB"), ("chunked", a.chunk_budget)):
                 runs[label].append(run_child({"data": f"{a.work}-{sizes[0]}", "size": sizes[0], "method": method,
-                                              "classes": small, "ipc": 2 if a.smoke else 10,
-                                              "batch_real": a.batch_real, "budget": budget,
-                                              "iterations": 2, "keys": keys}))
+                                              "classes": small, "ipc": ipc, "batch_real": a.batch_real,
+                                              "budget": budget, "iterations": 2, "keys": keys}))
         entry = {"method": method, "classes": small, "runs": runs}
         try:
             med = {k: float(np.median([t for r in v for t in r["s_per_iteration_samples"]])) for k, v in runs.items()}
@@ -232,20 +245,21 @@ def main() -> None:
             entry["error"] = "a run failed (see runs)"
         report["chunked_vs_one_pass"].append(entry)
         print({k: v for k, v in entry.items() if k != "runs"}, flush=True)
+        save()
     report["cli"] = []
-    for method in a.methods.split(","):
+    for method, keys, batch in (("dm", {}, a.batch_real), ("gm", gm_cli_keys, a.batch_real // 2)):
         args = ["distill", "--dataset", "prepared", "--data-dir", f"{a.work}-{sizes[0]}", "--method", method,
-                "--iterations", "1", "--ipc", "2" if a.smoke else "10", "--device", "cpu", "--out", os.path.join(a.work + "-runs", method),
-                f"memory_budget={a.budget}", f"batch_real={a.batch_real}", "eval_num_models=1", "eval_epochs=1",
-                "progress=false", *(f"{k}={v}" for k, v in (gm_keys if method == "gm" else {}).items())]
+                "--iterations", "1", "--ipc", str(ipc), "--device", "cpu",
+                "--out", os.path.join(a.work + "-runs", method), f"memory_budget={a.budget}", f"batch_real={batch}",
+                "eval_num_models=1", "eval_epochs=1", "progress=false", *(f"{k}={v}" for k, v in keys.items())]
         report["cli"].append(run_cli(args))
         print(report["cli"][-1], flush=True)
+        save()
     report["load_after"] = os.getloadavg()
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(report, f, indent=1)
+    save()
     from fastdd.distill.memory import parse_budget
-    plot(rows, os.path.splitext(a.out)[0] + ".png", parse_budget(a.budget) / 2**20)
+    plot(report["cases"], os.path.splitext(a.out)[0] + ".png", parse_budget(a.budget) / 2**20,
+         parse_budget(a.flat_budget) / 2**20)
     print("wrote", a.out)
 
 

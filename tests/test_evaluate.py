@@ -241,3 +241,25 @@ def test_dsa_augmentation_trains_above_chance(digits, real_subset):
     result = train_and_evaluate(images, labels, digits[1], model="MLP", epochs=100, augment="dsa")
     assert result["accuracy"] > 0.4
     assert train_and_evaluate(images, labels, digits[1], model="MLP", epochs=100, augment="dsa") == result
+
+
+def test_predict_batches_are_bounded_by_activation_bytes(monkeypatch):
+    from fastdd.data import from_tensors
+    from fastdd.evaluate import protocol
+    from fastdd.models import get_model
+    g = torch.Generator().manual_seed(0)
+    test = from_tensors(torch.randint(0, 256, (10, 3, 16, 16), dtype=torch.uint8, generator=g), torch.arange(10) % 2)
+    torch.manual_seed(0)
+    net = get_model("ConvNetW32", 3, 2, 16)
+    sizes = []
+    handle = net.register_forward_pre_hook(lambda m, inputs: sizes.append(inputs[0].shape[0]))
+    whole = protocol.predict(net, test, device="cpu")
+    from fastdd.distill.memory import activation_bytes_per_row
+    per_row = activation_bytes_per_row(net, test.normalize(test.images[:1]), grad=False, forward=lambda n, x: n(x))
+    assert per_row >= 32 * 16 * 16 * 4  # at least the first conv's output row
+    monkeypatch.setattr(protocol, "PREDICT_BATCH_BYTES", 3 * per_row)
+    sizes.clear()
+    bounded = protocol.predict(net, test, device="cpu")
+    handle.remove()
+    assert sizes[1:] == [3, 3, 3, 1]  # (sizes[0]: the one-row probe's forward)
+    assert torch.equal(bounded, whole)

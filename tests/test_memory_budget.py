@@ -79,3 +79,19 @@ def test_activation_bytes_of_a_conv_relu_net_by_hand():
     assert activation_bytes_per_row(net, sample, grad=False) == out_bytes + out_bytes
     doubled = activation_bytes_per_row(net, sample, grad=True, forward=lambda n, x: n.embed(torch.cat([x, x], 3)))
     assert doubled == x_bytes + 2 * x_bytes + 2 * out_bytes  # a custom forward is what is measured
+
+
+def test_engine_plans_gradient_rows_with_the_backward_overhead():
+    from fastdd.data import from_tensors
+    from fastdd.distill import Distiller, build_config
+    g = torch.Generator().manual_seed(0)
+    data = from_tensors(torch.randint(0, 256, (60, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(60) % 6)
+    engine = Distiller(build_config({"device": "cpu", "progress": False, "ipc": 2, "model": "ConvNetW32",
+                                     "memory_budget": "64MiB"}), data)
+    net = engine.new_network()
+    grad, real = engine.row_bytes(net, True), engine.row_bytes(net, False)
+    rows, real_rows = [40, 40, 40, 40, 40, 40], [10] * 6
+    expected = plan_chunks(engine.memory_budget, rows, int(memory.GRAD_ROW_OVERHEAD * grad), real_rows, real)
+    assert memory.GRAD_ROW_OVERHEAD == 1.5
+    assert engine.chunk_plan(net, rows, real_rows) == expected
+    assert expected != plan_chunks(engine.memory_budget, rows, grad, real_rows, real)  # the overhead matters here

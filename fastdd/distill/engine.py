@@ -11,7 +11,8 @@ from fastdd.data.staging import RealStager, module_to_device, to_device
 from fastdd.distill import artifacts, checkpoint, distributed
 from fastdd.distill.checkpoint import CHECKPOINT  # noqa: F401 (the CLI's name for it)
 from fastdd.distill.config import DistillConfig
-from fastdd.distill.memory import ChunkPlan, activation_bytes_per_row, plan_chunks, resolve_budget
+from fastdd.distill.memory import (GRAD_ROW_OVERHEAD, ChunkPlan, activation_bytes_per_row, plan_chunks,
+                                   release_freed_memory, resolve_budget)
 from fastdd.distill.methods import build_method
 from fastdd.distill.methods.base import on_host
 from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, clamp_to_pixels, lookahead_coefficients,
@@ -164,7 +165,7 @@ class Distiller:
         and how many real rows one forward may take; rows_per_class counts the inputs that carry gradients.
         cotangents > 1: a batched backward pulls that many back at once, each extra one costing a row the
         gradient of the largest layer (its input + output, as a no-grad pass holds)."""
-        grad_bytes = self.row_bytes(net, True, forward, key)
+        grad_bytes = int(GRAD_ROW_OVERHEAD * self.row_bytes(net, True, forward, key))
         if cotangents > 1:
             grad_bytes += (cotangents - 1) * self.row_bytes(net, False, forward, key)
         real_bytes = self.row_bytes(net, grad_real, forward, key)
@@ -285,6 +286,8 @@ class Distiller:
         logs.update(method.end_iteration(self, iteration, state) or {})
         if self.pixel_space:
             self.clamp_to_pixel_range()
+        if self.device.type == "cpu":
+            release_freed_memory()  # the next step's (or the evaluation's) peak starts from what is held
         return {"loss": values[0] if len(values) == 1 else sum(values) / len(values), **logs}
 
     # ---- the loop -------------------------------------------------------------------------

@@ -10,6 +10,8 @@ from torch import nn
 
 from fastdd.models import get_model, resolve_model_name
 
+PREDICT_BATCH_BYTES = 512 * 2**20  # test-set forward: the largest layer's input + output per batch
+
 DSA_STRATEGY = "color_crop_cutout_flip_scale_rotate"
 
 ExtraMetric = Callable[[nn.Module, Any, torch.Tensor], dict]
@@ -36,11 +38,17 @@ def derive_seeds(seed: int, count: int) -> list[int]:
 @torch.no_grad()
 def predict(model: nn.Module, test_set: Any, device: torch.device | str | None = None,
             batch_size: int = 2048) -> torch.Tensor:
-    """Predicted labels [N] (int64, on CPU) for every image of `test_set`, in eval mode."""
+    """Predicted labels [N] (int64, on CPU) for every image of `test_set`, in eval mode; batches hold at most
+    `batch_size` images and at most PREDICT_BATCH_BYTES of the largest layer's input + output (64+ px nets)."""
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    if len(test_set.labels):
+        from fastdd.distill.memory import activation_bytes_per_row  # (fastdd.distill imports this module)
+        sample = test_set.normalize(test_set.images[:1], device=device)
+        per_row = activation_bytes_per_row(model, sample, grad=False, forward=lambda net, x: net(x))
+        batch_size = max(1, min(batch_size, PREDICT_BATCH_BYTES // max(per_row, 1)))
     predictions = []
     for start in range(0, len(test_set.labels), batch_size):
         batch = test_set.normalize(test_set.images[start:start + batch_size], device=device)
