@@ -23,7 +23,11 @@ def _images(classes: int, per_class: int, size: int, channels: int = 3, seed: in
 
 
 def _engine(data, *overrides, plan=None, dtype=torch.float32):
-    engine = Distiller(build_config(overrides=[*FAST, "method=dm", *overrides]), data)
+    return patch_engine(Distiller(build_config(overrides=[*FAST, "method=dm", *overrides]), data), plan, dtype)
+
+
+def patch_engine(engine, plan=None, dtype=torch.float32):
+    """Force `plan` on the engine and run its network, real rows and images in `dtype` (float64 oracles)."""
     if plan is not None:
         engine.chunk_plan = lambda *a, **k: plan
     if dtype != torch.float32:

@@ -10,6 +10,7 @@ from fastdd.distill import Distiller, build_config
 from fastdd.distill.memory import ChunkPlan
 from fastdd.distill.methods.class_grads import ClassGradients, real_pass, syn_pass
 from fastdd.distill.methods.gm import SYN_GRAPH_FACTOR
+from test_gm import _float64
 
 FAST = ["progress=false", "device=cpu", "method=gm", "model=ConvNetW32", "batch_real=8", "ipc=2", "inner_loop=2",
         "n_data=16", "net_batch=8", "batch_syn_max=6", "class_chunk=100"]
@@ -22,13 +23,8 @@ def digits():
 
 
 def float64(engine):
-    """Run an engine in float64: images, optimiser, networks and real images."""
-    engine.synthetic.images = engine.synthetic.images.detach().double().requires_grad_(True)
-    engine.optimizer = torch.optim.SGD([engine.synthetic.images], lr=engine.lr, momentum=engine.config.momentum)
-    new_network, real_images = engine.new_network, engine.real_images
-    engine.new_network = lambda *a, **k: new_network(*a, **k).double()
-    engine.real_images = lambda index: real_images(index).double()
-    return engine
+    """Run an engine in float64: images, optimiser, networks and real images (test_gm's helper)."""
+    return _float64(engine)
 
 
 def engine_for(train, *extra, chunks=None):

@@ -6,8 +6,9 @@ import torch
 from fastdd.data import from_tensors
 from fastdd.data.domains import rotated_mnist
 from fastdd.distill import Distiller, build_config
-from fastdd.distill.memory import ChunkPlan, plan_chunks
+from fastdd.distill.memory import GRAD_ROW_OVERHEAD, ChunkPlan, plan_chunks
 from fastdd.distill.methods.sgs_data import domain_generalization_data
+from test_chunked_dm import patch_engine
 
 FAST = ["progress=false", "device=cpu", "model=ConvNetW32", "dsa_strategy=color_crop_cutout_flip_scale_rotate",
         "ipc=3", "batch_real=15", "method=sgs"]
@@ -25,16 +26,8 @@ def _domains(classes: int, size: int, per_class: int = 80):
 
 
 def _engine(data, *overrides, plan=None, dtype=torch.float32):
-    engine = Distiller(build_config(overrides=[*FAST, *overrides]), data[0], data[1], evaluators=data[2])
-    if plan is not None:
-        engine.chunk_plan = lambda *a, **k: plan
-    if dtype != torch.float32:
-        make, passes = engine.new_network, engine.real_passes
-        engine.new_network = lambda *a, **k: make(*a, **k).to(dtype)
-        engine.real_passes = lambda *a, **k: (x.to(dtype) for x in passes(*a, **k))
-        engine.embed = lambda net, x: net.embed(x)  # (the engine's embed returns float32 features)
-        engine.synthetic.images = engine.synthetic.images.detach().to(dtype).requires_grad_(True)
-        engine.optimizer = torch.optim.SGD([engine.synthetic.images], lr=engine.lr, momentum=engine.config.momentum)
+    engine = patch_engine(Distiller(build_config(overrides=[*FAST, *overrides]), data[0], data[1],
+                                    evaluators=data[2]), plan, dtype)
     engine.method.prepare(engine)
     return engine
 
@@ -119,7 +112,7 @@ def test_the_plan_counts_a_batched_backwards_cotangents(six_classes, args, cotan
     engine.method.compute(engine, 0)
     assert plans == [cotangents]
     net = engine.new_network()
-    one, real = engine.row_bytes(net, True), engine.row_bytes(net, False)
+    one, real = int(GRAD_ROW_OVERHEAD * engine.row_bytes(net, True)), engine.row_bytes(net, False)
     engine.memory_budget = 18 * one + 5 * real  # the 18 synthetic rows fit exactly with one cotangent
     assert plan(net, [3] * 6, [5] * 6).num_chunks == 1
     many = plan(net, [3] * 6, [5] * 6, cotangents=cotangents)

@@ -26,12 +26,17 @@ def default_cache_dir() -> Path:
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "fastdd"
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest of a whole file (what `md5sum` / `sha256sum` print), read in CHUNK_BYTES blocks."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as handle:
         while chunk := handle.read(CHUNK_BYTES):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    return file_digest(path, "md5")
 
 
 def _checksum_error(path: Path, expected: str, actual: str, removed: bool) -> DownloadError:

@@ -1,17 +1,17 @@
 """Opens a folder written by `fastdd prepare` as ImageDatasets whose images are a memory map of the shard file."""
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from .download import file_digest
+
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "fastdd-prepared-v1"
 SPLITS = ("train", "test")
-HASH_BLOCK_BYTES = 1 << 20
 
 
 def read_manifest(folder) -> dict:
@@ -59,12 +59,8 @@ def _open_split(folder: Path, manifest: dict, split: str) -> tuple[np.ndarray, n
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a whole file (what `sha256sum` prints), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(HASH_BLOCK_BYTES):
-            digest.update(block)
-    return digest.hexdigest()
+    """sha256 of a whole file (what `sha256sum` prints)."""
+    return file_digest(path, "sha256")
 
 
 def _verify(folder: Path, split: str, entry: dict) -> None:
