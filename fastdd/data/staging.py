@@ -26,11 +26,13 @@ class RealStager:
     and the copy run while the device is still busy with that compute. The current stream waits for the copy's
     event (a device-side wait), the copied tensor is recorded on it (record_stream) so the allocator does not
     hand its memory back to the side stream early, and it is normalised there. Reusing a pinned slot waits on
-    the host for that slot's previous copy, issued two passes earlier. CPU: no pinning, a plain gather."""
+    the host for that slot's previous copy, issued two passes earlier. CUDA only (the engine gathers directly
+    on the CPU)."""
 
     def __init__(self, dataset: ImageDataset, device):
         self.dataset, self.device = dataset, torch.device(device)
-        self.cuda = self.device.type == "cuda"
+        if self.device.type != "cuda":
+            raise ValueError(f"RealStager stages rows for a CUDA device, got {self.device}")
         self._slots: list[torch.Tensor | None] = [None] * SLOTS
         self._copied: list = [None] * SLOTS  # CUDA event: the slot's last copy has read its bytes
         self._stream = None
@@ -39,10 +41,7 @@ class RealStager:
     def passes(self, index: torch.Tensor, bounds: list[tuple[int, int]]):
         index = index if index.device.type == "cpu" else index.cpu()
         for lo, hi in bounds:
-            if self.cuda:
-                yield self._finish(self._stage(index[lo:hi]))
-            else:
-                yield self.dataset.normalize(self.dataset.images[index[lo:hi]], device=self.device)
+            yield self._finish(self._stage(index[lo:hi]))
 
     def _stage(self, index: torch.Tensor):
         """Gather into the next pinned slot and issue its copy on the side stream -> (device uint8, event)."""

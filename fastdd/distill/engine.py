@@ -63,7 +63,7 @@ class Distiller:
         self.evaluators = list(evaluators)  # extra_metrics callables for the evaluation protocol
         self.generator = torch.Generator().manual_seed(config.seed)
         self.sampler = ClassSampler(train.labels, train.num_classes)
-        self.stager = RealStager(train, self.device)
+        self.stager = RealStager(train, self.device) if self.device.type == "cuda" else None  # pinned staging
         self.augmenter = SiameseAugment(config.dsa_strategy) if config.dsa_strategy else None
         self.synthetic = SyntheticSet.initialise(train, config.ipc, config.init, self.generator, self.device)
         self.active_rows: torch.Tensor | None = None  # a segment of the synthetic set (None: all rows)
@@ -146,8 +146,13 @@ class Distiller:
         return x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
     def real_passes(self, index: torch.Tensor, bounds: list[tuple[int, int]]):
-        """Normalised real rows index[lo:hi] for each (lo, hi) of `bounds`, in order (on CUDA through pinned
-        staging, the next pass's copy overlapping the caller's compute); values equal real_images'."""
+        """Normalised real rows index[lo:hi] for each (lo, hi) of `bounds`, in order: real_images per pass, or on
+        CUDA through pinned staging (the next pass's copy overlapping the caller's compute), with equal values."""
+        if self.stager is None:
+            index = on_host(index)
+            for lo, hi in bounds:
+                yield self.real_images(index[lo:hi])
+            return
         for x in self.stager.passes(index, bounds):
             yield x.contiguous(memory_format=torch.channels_last) if self.config.channels_last else x
 
@@ -159,15 +164,21 @@ class Distiller:
             self._row_bytes[key] = activation_bytes_per_row(net, sample, grad, forward)
         return self._row_bytes[key]
 
+    def grad_row_bytes(self, net, forward=None, key=None, cotangents: int = 1) -> int:
+        """What one gradient-carrying row costs at peak: its saved tensors ×GRAD_ROW_OVERHEAD (the backward's
+        activation gradients, the augmentation's copies), plus one largest layer per extra cotangent."""
+        grad_bytes = int(GRAD_ROW_OVERHEAD * self.row_bytes(net, True, forward, key))
+        if cotangents > 1:
+            grad_bytes += (cotangents - 1) * self.row_bytes(net, False, forward, key)
+        return grad_bytes
+
     def chunk_plan(self, net, rows_per_class: list[int], real_rows_per_class: list[int], grad_real: bool = False,
                    forward=None, key=None, reserved: int = 0, cotangents: int = 1) -> ChunkPlan:
         """Consecutive class chunks whose gradient-carrying rows fit `memory_budget` (one chunk when all fit),
         and how many real rows one forward may take; rows_per_class counts the inputs that carry gradients.
         cotangents > 1: a batched backward pulls that many back at once, each extra one costing a row the
         gradient of the largest layer (its input + output, as a no-grad pass holds)."""
-        grad_bytes = int(GRAD_ROW_OVERHEAD * self.row_bytes(net, True, forward, key))
-        if cotangents > 1:
-            grad_bytes += (cotangents - 1) * self.row_bytes(net, False, forward, key)
+        grad_bytes = self.grad_row_bytes(net, forward, key, cotangents)
         real_bytes = self.row_bytes(net, grad_real, forward, key)
         plan = plan_chunks(self.memory_budget, rows_per_class, grad_bytes, real_rows_per_class, real_bytes, reserved)
         return plan if self.shard is None else self.shard.restrict(plan)  # this rank's classes only

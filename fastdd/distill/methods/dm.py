@@ -77,8 +77,7 @@ def dm_step(engine, real_index=None, real_seg=None, single_chunk: bool = False, 
 def batchnorm_plan(engine, net, syn_rows: int, real_rows: int, cotangents: int = 1) -> ChunkPlan:
     """BatchNorm's batch statistics couple every class (main_DM.py runs all classes in one forward): one chunk
     and one real pass, refused when that does not fit the budget."""
-    real_bytes = engine.row_bytes(net, False)
-    need = syn_rows * (engine.row_bytes(net, True) + (cotangents - 1) * real_bytes) + real_rows * real_bytes
+    need = syn_rows * engine.grad_row_bytes(net, cotangents=cotangents) + real_rows * engine.row_bytes(net, False)
     if need > engine.memory_budget:
         model = resolve_model_name(engine.config.model, engine.train.image_size)
         raise ValueError(f"config key 'memory_budget' ({engine.memory_budget / 2**20:.0f} MiB) is too small for "

@@ -90,16 +90,6 @@ class MatchChunk:
 SYN_GRAPH_FACTOR = 2  # a create_graph pass's decoded row: its saved graph, and the second-order backward again
 
 
-def real_rows(engine, index: torch.Tensor, spans: list[tuple[int, int]]):
-    """Normalised real rows index[lo:hi] per span, in order: on CUDA through the engine's pinned staging (the
-    next span's copy overlapping the caller's compute on this one), elsewhere engine.real_images."""
-    if engine.device.type == "cuda":
-        yield from engine.real_passes(index, spans)
-    else:
-        for lo, hi in spans:
-            yield engine.real_images(index[lo:hi])
-
-
 class GM(Method):
     """IDC on the engine's hooks. Per outer iteration a fresh network (begin_iteration); per inner step
     (inner_loop of them) a real batch per class, one IDC aug draw per class shared by real and synthetic,
@@ -211,7 +201,7 @@ class GM(Method):
         s_counts, s_starts = segments(engine.syn.seg, C)
         chunks = self.chunks(engine, grads, r_counts, s_counts, select, grads_per_class)
         spans = [(r_starts[chunk[0]], r_starts[chunk[-1]] + r_counts[chunk[-1]]) for chunk in chunks]
-        reals = real_rows(engine, real_index, spans)
+        reals = engine.real_passes(real_index, spans)
         for chunk, (lo, hi) in zip(chunks, spans):
             seg = real_seg[lo:hi]
             real = self.augment(engine, next(reals).to(images.dtype), seg, draw)

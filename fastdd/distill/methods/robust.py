@@ -40,7 +40,7 @@ from fastdd.cluster import batched_kmeans
 from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import DM, GradientAccumulator, dm_chunks, dm_class_losses, dm_step
-from fastdd.distill.methods.gm import GM, fp32, gradient_distance, real_rows
+from fastdd.distill.methods.gm import GM, fp32, gradient_distance
 from fastdd.ops import cvar, kmeans_assign, mean_match
 
 ASSIGNMENTS = ("kmeans", "nearest-synthetic")
@@ -186,7 +186,7 @@ class Robust(Method):
         n = len(engine.train)
         spans = [(lo, min(lo + EMBED_CHUNK, n)) for lo in range(0, n, EMBED_CHUNK)]
         feats = None
-        for (lo, hi), x in zip(spans, real_rows(engine, torch.arange(n), spans)):
+        for (lo, hi), x in zip(spans, engine.real_passes(torch.arange(n), spans)):
             f = x.flatten(1).float() if net is None else engine.embed_real(net, x)
             if feats is None:
                 feats = f.new_empty(n, f.shape[1])
