@@ -33,10 +33,13 @@ def _distill(args) -> int:
     check_device(config.device)
     train, test, evaluators = load_run_data(config)
     try:
-        return _run_distiller(Distiller(config, train, test, out_dir=out, evaluators=evaluators),
+        code = _run_distiller(Distiller(config, train, test, out_dir=out, evaluators=evaluators),
                               state if args.resume else None, out)
-    finally:
-        distributed.shutdown()  # torchrun: the process group (none in a single process)
+    except BaseException:
+        distributed.shutdown(clean=False)  # torchrun: the process group (none in a single process)
+        raise
+    distributed.shutdown(clean=True)
+    return code
 
 
 def _run_distiller(distiller, state, out: str) -> int:

@@ -74,7 +74,7 @@ def main(jobs_path: str, result_path: str) -> None:
         except (ValueError, RuntimeError) as error:
             results[job["name"]] = {"error": type(error).__name__, "message": str(error)}
     torch.save(results, f"{result_path}.{rank}")
-    distributed.shutdown()
+    distributed.shutdown(clean=not any("error" in r or r.get("code") for r in results.values()))
 
 
 if __name__ == "__main__":

@@ -132,9 +132,15 @@ def setup(config, num_classes: int) -> tuple[ClassShard | None, torch.device | N
     return ClassShard(dist.get_rank(), dist.get_world_size(), num_classes, device), device
 
 
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group. After a clean run every rank first meets at a barrier: a gloo rank that tears
+    down while a peer still talks to it aborts the process (SIGABRT). After a failure there is no barrier (the
+    peer may be gone; waiting would only add dist_timeout)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean:
+        _guard(dist.barrier)
+    dist.destroy_process_group()
 
 
 def fingerprint(config, train) -> dict:
