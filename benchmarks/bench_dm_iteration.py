@@ -97,24 +97,62 @@ def step_flops(channels: int, size: int, ipc: int, batch_real: int, num_classes:
     return per_image * num_classes * (batch_real + 2 * ipc)
 
 
-def _timed(step, device) -> tuple[float, float]:
-    """Seconds of one step and its peak memory above what was allocated when it started (MiB; CUDA only)."""
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Linux: writing 5 to clear_refs resets VmHWM (the peak resident set) to the current resident set."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _timed(step, device) -> tuple[float, float | None]:
+    """Seconds of one step and its peak memory above what was held when it started (MiB): CUDA allocator
+    peak on a GPU; on the CPU the peak resident set (VmHWM, reset before the step) above the resident set."""
     cuda = torch.device(device).type == "cuda"
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+    else:
+        base = _proc_status_kb("VmRSS") if _reset_peak_rss() else None
     t0 = time.perf_counter()
     step()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
-    extra = (torch.cuda.max_memory_allocated() - base) / 2**20 if cuda else None
+    if cuda:
+        extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        peak = _proc_status_kb("VmHWM") if base is not None else None
+        extra = (peak - base) / 1024 if peak is not None else None
     return seconds, extra
 
 
+def profile_table(step, iterations: int = 2, rows: int = 12) -> list[dict]:
+    """The ops where `step` spends its time (torch.profiler, self CPU time per iteration, share of the total)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iterations):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    return [dict(op=e.key, self_s_per_iteration=e.self_cpu_time_total / 1e6 / iterations,
+                 share=e.self_cpu_time_total / total, calls_per_iteration=e.count / iterations)
+            for e in events[:rows]]
+
+
 def measure_case(name: str, spec, device: str, iterations: int, warmup: int, batch_real: int, peak_flops: float,
-                 num_classes: int = 10, model: str = "ConvNet", time_left=None) -> list[dict]:
+                 num_classes: int = 10, model: str = "ConvNet", time_left=None, profile: bool = False) -> list[dict]:
     """Rows for fastdd's engine and the reference loop on one shape, timed A B A B; `time_left()` (seconds)
     stops the timed loop early, never before 2 iterations."""
     from fastdd.distill import Distiller, build_config
@@ -143,6 +181,7 @@ def measure_case(name: str, spec, device: str, iterations: int, warmup: int, bat
             samples[provider].append(seconds)
             memory[provider].append(extra)
     load_after = os.getloadavg()
+    profiles = {provider: profile_table(step) for provider, step in steps.items()} if profile else {}
     flops = step_flops(channels, size, ipc, batch_real, num_classes, model)
     reference_median = statistics.median(samples["reference loop"])
     rows = []
@@ -162,7 +201,9 @@ def measure_case(name: str, spec, device: str, iterations: int, warmup: int, bat
             conv_flops_per_iteration=flops, sgemm_peak_gflops=peak_flops / 1e9,
             flop_floor_s=flops / peak_flops, flop_floor_fraction=flops / peak_flops / median,
             cudnn_allow_tf32=torch.backends.cudnn.allow_tf32 if device.startswith("cuda") else None,
-            speedup_vs_reference=reference_median / median))
+            peak_memory_ratio_vs_reference=(max(memory[provider]) / max(memory["reference loop"])
+                                            if memory[provider][0] is not None else None),
+            speedup_vs_reference=reference_median / median, profile=profiles.get(provider)))
     return rows
 
 
@@ -175,6 +216,7 @@ def main():
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler table (top ops) to each row")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, 2 iterations: checks the script runs")
     args = p.parse_args()
     if args.threads:
@@ -194,7 +236,7 @@ def main():
     res = Results("dm_iteration", args.device)
     peak = sgemm_peak_flops(args.device, n=256 if args.smoke else None)
     for name, spec in cases.items():
-        for row in measure_case(name, spec, args.device, iterations, warmup, batch_real, peak):
+        for row in measure_case(name, spec, args.device, iterations, warmup, batch_real, peak, profile=args.profile):
             res.add(**row)
     res.write(out)
 

@@ -79,3 +79,35 @@ def test_bad_values_name_the_key(override, message):
     with pytest.raises(ValueError, match=message):
         build_config(overrides=[override])
 
+
+
+@pytest.mark.parametrize("method,device,size,expected", [
+    ("dm", "cpu", (28, 28), (True, 20)), ("dm", "cpu", (32, 32), (True, 16)), ("dm", "cpu", (64, 64), (True, 4)),
+    ("dm", "cpu", (128, 128), (True, 2)), ("dm", "cpu", (8, 8), (True, 256)), ("dm", "cuda", (32, 32), (False, 256)),
+    ("gm", "cpu", (32, 32), (False, 16)), ("dasm", "cpu", (32, 32), (False, 16)), ("sgs", "cpu", (32, 32), (True, 16)),
+    ("robust", "cpu", (32, 32), (True, 16)),
+])
+def test_auto_layout_follows_device_image_size_and_method(method, device, size, expected):
+    import torch
+    from fastdd.distill.engine import resolve_layout
+    from fastdd.distill.methods import build_method
+    cfg = build_config(overrides=[f"method={method}"])
+    assert (cfg.channels_last, cfg.micro_batch) == ("auto", "auto")
+    assert resolve_layout(cfg, torch.device(device), size, build_method(method, None)) == expected
+
+
+def test_robust_on_gm_takes_its_base_layout_and_explicit_values_win():
+    import torch
+    from fastdd.distill.engine import resolve_layout
+    from fastdd.distill.methods import build_method
+    cfg = build_config(overrides=["method=robust"])
+    assert resolve_layout(cfg, torch.device("cpu"), (32, 32), build_method("robust", {"base": "gm"})) == (False, 16)
+    cfg = build_config(overrides=["channels_last=false", "micro_batch=7"])
+    assert resolve_layout(cfg, torch.device("cpu"), (32, 32), build_method("dm", None)) == (False, 7)
+
+
+@pytest.mark.parametrize("override,key", [("channels_last=sometimes", "channels_last"), ("micro_batch=0", "micro_batch"),
+                                          ("micro_batch=many", "micro_batch")])
+def test_bad_layout_keys_name_the_key(override, key):
+    with pytest.raises(ValueError, match=f"config key '{key}'"):
+        build_config(overrides=[override])

@@ -24,9 +24,9 @@ class DistillConfig:
     init: str = "real"
     model: str = "auto"  # auto: the references' ConvNet depth for the resolution (ConvNet ≤32 px, D4 64, D5 128)
     dsa_strategy: str = "color_crop_cutout_flip_scale_rotate"
-    channels_last: bool = False
+    channels_last: bool | str = "auto"  # auto: on for the CPU (oneDNN's convolutions are faster in it), off on CUDA
     autocast_bf16: bool = False
-    micro_batch: int = 256
+    micro_batch: int | str = "auto"  # real rows per no-grad forward; auto: by image size on the CPU, 256 on CUDA
     memory_budget: str | int = "auto"  # bytes for activations, "8GB"/"512MiB", or auto (from free device memory / RAM)
     image_size: int | None = None  # imagefolder datasets: side length images are prepared at (None: 64)
     seed: int = 0
@@ -49,9 +49,13 @@ class DistillConfig:
     def validate(self) -> None:
         positive = ("ipc", "iterations", "batch_real", "micro_batch", "eval_num_models", "eval_epochs", "dist_timeout")
         for name in positive:
+            if name == "micro_batch" and self.micro_batch == "auto":
+                continue
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"config key {name!r} must be a positive integer, got {value!r}")
+        if not isinstance(self.channels_last, bool) and self.channels_last != "auto":
+            raise ValueError(f"config key 'channels_last' must be true, false or auto, got {self.channels_last!r}")
         if not isinstance(self.deterministic, bool):
             raise ValueError(f"config key 'deterministic' must be true or false, got {self.deterministic!r}")
         for name in ("eval_every", "checkpoint_every", "seed"):

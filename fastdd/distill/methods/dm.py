@@ -153,6 +153,7 @@ def dm_loss(batch: DMBatch, num_classes: int) -> torch.Tensor:
 
 class DM(Method):
     name = "dm"
+    channels_last_cpu = True
 
     def lr_for(self, ipc: int) -> float:
         return 10.0 if ipc >= 100 else 1.0

@@ -138,6 +138,10 @@ class Robust(Method):
         self.sums: dict[str, float] = {}
         self.count = 0
 
+    @property
+    def channels_last_cpu(self) -> bool:
+        return bool(getattr(self.base, "channels_last_cpu", False))
+
     def lr_for(self, ipc: int) -> float:
         return self.base.lr_for(ipc)
 

@@ -105,6 +105,10 @@ class SGS(Method):
         self.plain = a.lambda_sh == 0 and a.lambda_div == 0
         self.trace: list[dict] = []
 
+    @property
+    def channels_last_cpu(self) -> bool:
+        return bool(getattr(self.base, "channels_last_cpu", False))
+
     def lr_for(self, ipc: int) -> float:
         return self.base.lr_for(ipc)
 
