@@ -42,8 +42,9 @@ def _engine(train, model, ipc, factor, batch_real, inner_loop, chunk, device):
 
 
 def _match_once(engine, provider):
-    """One matching step (every class + its image step) on a fixed network and batch."""
-    net = engine.new_network()
+    """One matching step (every class + its image step) on a fixed network and batch; the reference loop runs
+    the references' nn modules (GroupNorm/ReLU/AvgPool2d), fastdd its fused ConvNet, with the same weights."""
+    net = engine.new_network(fused=False) if provider == "reference loop" else engine.new_network()
     for p in net.parameters():
         p.requires_grad_(True)
     index, seg = engine.sample_real_index(engine.config.batch_real)
@@ -65,7 +66,7 @@ def _match_once(engine, provider):
 def _iteration(engine, provider):
     if provider == "reference loop":
         decode = lambda x, y: engine.method.decode(engine, x, y)  # noqa: E731
-        return lambda: reference_iteration(engine, engine.method.args, decode)
+        return lambda: reference_iteration(engine, engine.method.args, decode, fused=False)
     return lambda: engine.method.iteration(engine, 0)
 
 
@@ -80,7 +81,7 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def measure(case, repeats, device, chunks):
+def measure(case, repeats, device, chunks, profile=False):
     dataset, model, ipc, factor, batch_real, inner_loop = CASES[case]
     train = _train(dataset)
     providers = ["reference loop"] + [f"fastdd class_chunk={c}" for c in chunks]
@@ -99,12 +100,17 @@ def measure(case, repeats, device, chunks):
                 if rep:
                     times[p].append(time.perf_counter() - t0)
         ref = statistics.median(times["reference loop"])
+        tables = {}
+        if profile and what == "match step":
+            from bench_dm_iteration import profile_table
+            tables = {p: profile_table(make(engines[p], p), iterations=1) for p in providers}
         for p in providers:
             med = statistics.median(times[p])
             rows.append(dict(case=case, timed=what, provider=p, dataset=dataset, model=model, ipc=ipc, factor=factor,
                              batch_real=batch_real, inner_loop=inner_loop if what == "outer iteration" else 1,
                              median_s=med, all_s=times[p], speedup_vs_reference=ref / med,
-                             threads=torch.get_num_threads(), load_avg_1min=os.getloadavg()[0], malloc=_malloc()))
+                             threads=torch.get_num_threads(), load_avg_1min=os.getloadavg()[0], malloc=_malloc(),
+                             profile=tables.get(p)))
     return rows
 
 
@@ -115,12 +121,13 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the shared 2-core box is oversubscribed)")
     p.add_argument("--chunks", default="0,10", help="fastdd class_chunk settings (0: auto)")
+    p.add_argument("--profile", action="store_true", help="add a torch.profiler table of the match step per provider")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = Results("gm_iteration", device)
     for case in args.cases.split(","):
-        for row in measure(case, args.repeats, device, [int(c) for c in args.chunks.split(",")]):
+        for row in measure(case, args.repeats, device, [int(c) for c in args.chunks.split(",")], args.profile):
             res.add(**row)
     res.write(args.out)
 

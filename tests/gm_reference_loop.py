@@ -63,6 +63,7 @@ def reference_match_step(net, engine, real_index, real_seg, draw, select, optimi
 
 def reference_train_epoch(net, engine, optimizer, n_data, batch):
     """IDC train_epoch on real data with per-sample DSA, stopping after n_data samples (no CutMix)."""
+    batch = batch or engine.config.batch_real  # net_batch 0: the shared loader's batch_real, as fastdd's gm
     order = torch.randperm(len(engine.train), generator=engine.generator)
     seen = 0
     for start in range(0, len(order), batch):
@@ -77,9 +78,10 @@ def reference_train_epoch(net, engine, optimizer, n_data, batch):
             break
 
 
-def reference_iteration(engine, args, decode):
-    """One outer iteration with the same engine RNG draws, in the same order, as fastdd's gm."""
-    net = engine.new_network()
+def reference_iteration(engine, args, decode, **net_overrides):
+    """One outer iteration with the same engine RNG draws, in the same order, as fastdd's gm; `net_overrides`
+    go to engine.new_network (fused=False: the references' nn modules, same weights)."""
+    net = engine.new_network(**net_overrides)
     for p in net.parameters():
         p.requires_grad_(True)
     opt_net = torch.optim.SGD(net.parameters(), lr=args.net_lr, momentum=args.net_momentum,

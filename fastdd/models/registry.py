@@ -88,6 +88,11 @@ def resolve_model_name(name: str, image_size: int | tuple[int, int]) -> str:
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
 
 
+def unfused_if_convnet(name: str) -> dict:
+    """get_model overrides for a ConvNet of nn modules (GroupNorm/ReLU/AvgPool2d); {} for other models."""
+    return {"fused": False} if name in CONVNET_VARIANTS else {}
+
+
 def get_model(name: str, channels: int, num_classes: int, image_size: int | tuple[int, int],
               **overrides: Any) -> nn.Module:
     """Build model `name` ("auto": see resolve_model_name) for [N, channels, H, W] inputs. ConvNet names

@@ -11,6 +11,7 @@ from fastdd.distill.methods.base import Method, MethodOutput
 from fastdd.distill.methods.class_grads import (  # noqa: F401 (fp32, gradient_distance: gm's public names)
     ClassGradients, fp32, gradient_distance, matched_parameters, real_pass, segments, syn_pass)
 from fastdd.distill.methods.multiformation import decode_for, mix_images
+from fastdd.models.registry import unfused_if_convnet
 
 DISTANCES = ("cos", "idc", "idc_l1")
 AUGS = ("idc", "dsa", "none")
@@ -137,7 +138,9 @@ class GM(Method):
     # ---- one outer iteration: a fresh network, inner_loop × (match + image steps, network training) ----
     def begin_iteration(self, engine, iteration: int) -> GMIteration:
         a = self.args
-        net = engine.new_network()
+        # ConvNets as nn modules: the fused norm_act_pool's second derivative recomputes through the reference
+        # and made the match step ~17% slower (CPU, benchmarks/results/gm_iteration.json)
+        net = engine.new_network(**unfused_if_convnet(engine.config.model))
         for p in net.parameters():
             p.requires_grad_(True)
         opt = torch.optim.SGD(net.parameters(), lr=a.net_lr, momentum=a.net_momentum, weight_decay=a.net_weight_decay)
