@@ -17,7 +17,11 @@ CASES = {  # name: (dataset, channels, size, ipc)
     "mnist-ipc10": ("mnist", 1, 28, 10),
     "cifar10-ipc10": ("cifar10", 3, 32, 10),
     "cifar10-ipc50": ("cifar10", 3, 32, 50),
+    "rotmnist-ipc10": ("rotmnist", 1, 28, 10),
 }
+# fastdd methods timed beside dm (interleaved, same data and batch_real): sgs needs a multi-domain set
+CASE_METHODS = {"rotmnist-ipc10": ("sgs", "robust")}
+METHOD_ARGS = {"sgs": {"lambda_sh": 1.0, "lambda_div": 100.0, "tau": 0.5, "holdout_domain": "75"}, "robust": {}}
 SMOKE_CASE = {"smoke": ("random", 3, 16, 2)}
 BATCH_REAL, SMOKE_BATCH_REAL = 256, 4
 
@@ -28,6 +32,12 @@ def load_case_data(dataset: str, channels: int, size: int, num_classes: int = 10
     (generated on `make_on`, e.g. the GPU for large sets, and kept on the host as a dataset is)."""
     from fastdd.data import from_tensors, load_dataset
     mnist_root = os.path.join(SHARED, "data", "mnist-t10k")
+    if dataset == "rotmnist":  # Rotated MNIST (0..75 degrees, 75 held out) from the t10k digits or random ones
+        from fastdd.data.domains import rotated_mnist
+        from fastdd.distill.methods.sgs_data import domain_generalization_data
+        digits, source = load_case_data("mnist", channels, size, num_classes, per_class // 6 + 1, make_on)
+        return (domain_generalization_data(rotated_mnist(digits), "75", test_fraction=0.1)[0],
+                f"Rotated MNIST (6 domains, '75' held out) from {source}")
     if dataset == "mnist" and os.path.isdir(mnist_root):
         return load_dataset("mnist", split="test", root=mnist_root), "MNIST t10k (shared cache)"
     g = torch.Generator(device=make_on or "cpu").manual_seed(0)
@@ -167,6 +177,14 @@ def measure_case(name: str, spec, device: str, iterations: int, warmup: int, bat
     reference = ReferenceLoop(train, engine.syn.images, ipc, batch_real, device, model=model)
     counter = iter(range(10**9))
     steps = {"reference loop": reference.step, "fastdd": lambda: engine.method.iteration(engine, next(counter))}
+    configs = {"fastdd": cfg}
+    for method in CASE_METHODS.get(name, ()):
+        mcfg = build_config({"method": method, "method_args": METHOD_ARGS[method]},
+                            overrides=overrides + ([f"model={model}"] if model != "ConvNet" else []))
+        other = Distiller(mcfg, train)
+        other.method.prepare(other)
+        steps[f"fastdd {method}"] = (lambda e: lambda: e.method.iteration(e, next(counter)))(other)
+        configs[f"fastdd {method}"] = mcfg
     for _ in range(warmup):
         for step in steps.values():
             _timed(step, device)
@@ -184,17 +202,18 @@ def measure_case(name: str, spec, device: str, iterations: int, warmup: int, bat
     profiles = {provider: profile_table(step) for provider, step in steps.items()} if profile else {}
     flops = step_flops(channels, size, ipc, batch_real, num_classes, model)
     reference_median = statistics.median(samples["reference loop"])
+    dm_median = statistics.median(samples["fastdd"])
     rows = []
     for provider, times in samples.items():
         median = statistics.median(times)
         rows.append(dict(
             case=name, data=source, shape=f"{channels}x{size}x{size}", ipc=ipc, batch_real=batch_real,
             classes=num_classes, model=model, provider=provider,
-            what=("fastdd Distiller, default config (method=dm, micro_batch and fused kernels as shipped)"
-                  if provider == "fastdd" else
+            what=(f"fastdd Distiller, default config (method={configs[provider].method}, as shipped)"
+                  if provider in configs else
                   "per-class loop, nn.GroupNorm/ReLU/AvgPool2d, per-class reference DSA ops, data on device"),
-            config=None if provider != "fastdd" else {k: v for k, v in vars(cfg).items()
-                                                      if isinstance(v, (int, float, str, bool, type(None)))},
+            config=None if provider not in configs else {k: v for k, v in vars(configs[provider]).items()
+                                                         if isinstance(v, (int, float, str, bool, type(None), dict))},
             iterations=len(times), warmup=warmup, median_s=median, min_s=min(times), max_s=max(times),
             all_seconds=times, step_peak_extra_mb=max(memory[provider]) if memory[provider][0] is not None else None,
             load_avg_1min_before=load_before[0], load_avg_1min_after=load_after[0],
@@ -203,7 +222,8 @@ def measure_case(name: str, spec, device: str, iterations: int, warmup: int, bat
             cudnn_allow_tf32=torch.backends.cudnn.allow_tf32 if device.startswith("cuda") else None,
             peak_memory_ratio_vs_reference=(max(memory[provider]) / max(memory["reference loop"])
                                             if memory[provider][0] is not None else None),
-            speedup_vs_reference=reference_median / median, profile=profiles.get(provider)))
+            speedup_vs_reference=reference_median / median, ratio_to_fastdd_dm=median / dm_median,
+            profile=profiles.get(provider)))
     return rows
 
 
