@@ -93,8 +93,8 @@ def test_real_small_budget_chunks_equal_one_pass():
     # ConvNetW32 at 64 px: 64MiB holds about 18 rows with the 5 cotangents a batched backward pulls back,
     # one class of 10 a chunk
     data = _domains(6, 64, per_class=60)
-    whole = _engine(data, "ipc=10")
-    chunked = _engine(data, "ipc=10", "memory_budget=64MiB")
+    whole = _engine(data, "ipc=10", "backward=vmap")
+    chunked = _engine(data, "ipc=10", "backward=vmap", "memory_budget=64MiB")
     plans_whole, plans_chunked = _record_plans(whole), _record_plans(chunked)
     result_whole, result_chunked = _run(whole, iterations=1), _run(chunked, iterations=1)
     assert len(plans_chunked) == len(plans_whole) == 2  # one plan a step
@@ -102,10 +102,12 @@ def test_real_small_budget_chunks_equal_one_pass():
     _assert_same(result_chunked, result_whole, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("args,cotangents", [([], 5), (["backward=loop"], 1), (["lambda_div=0"], 4),
-                                             (["lambda_sh=0", "lambda_div=0"], 1)])
+@pytest.mark.parametrize("args,cotangents", [(["backward=vmap"], 5), (["backward=loop"], 1), ([], 1),
+                                             (["backward=vmap", "lambda_div=0"], 4),
+                                             (["backward=vmap", "lambda_sh=0", "lambda_div=0"], 1)])
 def test_the_plan_counts_a_batched_backwards_cotangents(six_classes, args, cotangents):
-    """vmap/func pull back 1 (DM) + 1 (diversity) + D = 3 (domains) cotangents at once; loop and plain one."""
+    """vmap/func pull back 1 (DM) + 1 (diversity) + D = 3 (domains) cotangents at once; loop (auto on the CPU)
+    and plain one."""
     engine = _engine(six_classes, *args, "memory_budget=64MiB")
     plans, plan = [], engine.chunk_plan
     engine.chunk_plan = lambda *a, **k: plans.append(k.get("cotangents", 1)) or plan(*a, **k)

@@ -168,7 +168,7 @@ def test_bad_input_errors(domains):
     with pytest.raises(ValueError, match="has no domain labels"):
         _engine((from_tensors(train.images, train.labels, num_classes=3), test, []))
     for bad, message in (("sampling=some", "sampling must be one of balanced, pooled"),
-                         ("backward=jit", "backward must be one of vmap, func, loop"),
+                         ("backward=jit", "backward must be one of auto, vmap, func, loop"),
                          ("lambda_sh=-1", "lambda_sh must be a number >= 0"),
                          ("tau=2", "tau must be a number in"), ("base=nope", "unknown method 'nope'"),
                          ("bogus=1", r"unknown config key\(s\) \['bogus'\] for method 'sgs'")):
@@ -176,3 +176,21 @@ def test_bad_input_errors(domains):
             SGS(build_config(overrides=[bad]).method_args)
     with pytest.raises(ValueError, match="exposes no loss_from_batch"):
         SGS({"base": "gm"})
+
+
+def test_auto_backward_is_the_loop_on_the_cpu_and_vmap_on_cuda(domains):
+    import torch
+    engine = _engine(domains)
+    assert engine.method.args.backward == "auto"
+    pulled = []
+    real_grad = torch.autograd.grad
+
+    def spy(outputs, inputs, grad_outputs=None, **kw):
+        pulled.append(bool(kw.get("is_grads_batched")))
+        return real_grad(outputs, inputs, grad_outputs, **kw)
+    torch.autograd.grad = spy
+    try:
+        engine.method.compute(engine, 0)
+    finally:
+        torch.autograd.grad = real_grad
+    assert pulled and not any(pulled)  # one pass per cotangent, never a batched one

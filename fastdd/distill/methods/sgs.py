@@ -24,7 +24,7 @@ from fastdd.distill.methods.dm import GradientAccumulator, dm_chunks, dm_step
 from fastdd.ops import mean_match, spectral_surgery
 
 SAMPLINGS = ("balanced", "pooled")
-BACKWARDS = ("vmap", "func", "loop")
+BACKWARDS = ("auto", "vmap", "func", "loop")
 
 
 @dataclass
@@ -38,7 +38,8 @@ class SGSArgs:
     base: str = "dm"            # DM-based method whose gradient SGS augments
     base_args: dict = field(default_factory=dict)
     sampling: str = "balanced"  # balanced: batch_real // D rows per (class, domain); pooled: DM's sampler
-    backward: str = "vmap"      # vmap: autograd is_grads_batched; func: torch.func vjp+vmap; loop: K passes
+    backward: str = "auto"      # vmap: autograd is_grads_batched; func: torch.func vjp+vmap; loop: K passes;
+                                # auto: loop on the CPU (measured 0.24x vmap's step memory, no slower), vmap on CUDA
 
 
 def domain_cotangents(real_features, real_cls, real_dom, syn_features, syn_seg, num_classes, num_domains):
@@ -134,15 +135,16 @@ class SGS(Method):
     def step_chunks(self, engine, batched: bool, single_chunk: bool = False):
         """Per class chunk: (batch, backward(cot [K, n, F]) -> [K, *rows' shape]); generator use as DM's."""
         a = self.args
+        mode = a.backward if a.backward != "auto" else ("loop" if engine.device.type == "cpu" else "vmap")
         index = cls = None
         if a.sampling == "balanced":
             index, cls, _ = self.sampler.sample(self.n_per_group, generator=engine.generator)
             cls = to_device(cls, engine.device)
         # a batched backward (vmap, func) pulls back every cotangent at once: the plan counts them per row
-        k = 1 + bool(a.lambda_div) + self.D * bool(a.lambda_sh) if batched and a.backward != "loop" else 1
-        if not batched or a.backward != "func":
+        k = 1 + bool(a.lambda_div) + self.D * bool(a.lambda_sh) if batched and mode != "loop" else 1
+        if not batched or mode != "func":
             def backward(batch, cot):
-                if a.backward == "loop":
+                if mode == "loop":
                     return torch.stack([torch.autograd.grad(batch.syn_features, batch.syn_input, c,
                                                             retain_graph=True)[0] for c in cot])
                 return torch.autograd.grad(batch.syn_features, batch.syn_input, cot, is_grads_batched=True)[0]
