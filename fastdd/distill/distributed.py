@@ -138,9 +138,11 @@ def shutdown(clean: bool = True) -> None:
     peer may be gone; waiting would only add dist_timeout)."""
     if not (dist.is_available() and dist.is_initialized()):
         return
-    if clean:
-        _guard(dist.barrier)
-    dist.destroy_process_group()
+    try:
+        if clean:
+            _guard(dist.barrier)
+    finally:
+        dist.destroy_process_group()
 
 
 def fingerprint(config, train) -> dict:

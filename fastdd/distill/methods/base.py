@@ -23,10 +23,18 @@ class Method:
 
     name = "base"
     Args = None
-    pixel_space = False  # True: image steps in pixel units and a clamp to [0, 1] (engine.run_iteration)
-    # channels_last=auto on the CPU: on for steps dominated by no-grad real forwards (DM measured 1.3-1.7x
-    # faster), off for network training + double backward (gm measured 8-15% slower in channels_last)
-    channels_last_cpu = False
+
+    # A method that wraps another (sgs, robust, dasm keep it in `self.base`) inherits these two from it.
+    @property
+    def pixel_space(self) -> bool:
+        """True: image steps in pixel units and a clamp to [0, 1] (engine.run_iteration)."""
+        return bool(getattr(getattr(self, "base", None), "pixel_space", False))
+
+    @property
+    def channels_last_cpu(self) -> bool:
+        """channels_last=auto on the CPU: on for steps dominated by no-grad real forwards (DM measured 1.3-1.7x
+        faster), off for network training + double backward (gm measured 8-15% slower in channels_last)."""
+        return bool(getattr(getattr(self, "base", None), "channels_last_cpu", False))
 
     def __init__(self, args: dict | None = None):
         self.args = parse_method_args(self.name, self.Args, args or {})

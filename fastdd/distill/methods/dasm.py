@@ -89,16 +89,8 @@ class DASM(Method):
         bounds = [i * config.iterations // k for i in range(k + 1)]
         return k, bounds, difficulty.p_schedule(k, self.args.p_max, self.args.p)
 
-    @property
-    def channels_last_cpu(self) -> bool:
-        return bool(getattr(self.base, "channels_last_cpu", False))
-
     def lr_for(self, ipc: int) -> float:
         return self.base.lr_for(ipc // self.num_segments(ipc))  # each segment is an IPC-(ipc/K) distillation
-
-    @property
-    def pixel_space(self) -> bool:
-        return bool(getattr(self.base, "pixel_space", False))
 
     # ---- engine hooks ---------------------------------------------------------------------------
     def prepare(self, engine) -> None:

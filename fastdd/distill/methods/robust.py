@@ -138,16 +138,8 @@ class Robust(Method):
         self.sums: dict[str, float] = {}
         self.count = 0
 
-    @property
-    def channels_last_cpu(self) -> bool:
-        return bool(getattr(self.base, "channels_last_cpu", False))
-
     def lr_for(self, ipc: int) -> float:
         return self.base.lr_for(ipc)
-
-    @property
-    def pixel_space(self) -> bool:
-        return bool(getattr(self.base, "pixel_space", False))
 
     def decode(self, engine, images, labels):
         decode = getattr(self.base, "decode", None)

@@ -22,6 +22,7 @@ from fastdd.distill.methods import sgs_data  # noqa: F401  (registers rotated-mn
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import GradientAccumulator, dm_chunks, dm_step
 from fastdd.ops import mean_match, spectral_surgery
+from fastdd.models.registry import unfused_if_convnet
 
 SAMPLINGS = ("balanced", "pooled")
 BACKWARDS = ("auto", "vmap", "func", "loop")
@@ -106,10 +107,6 @@ class SGS(Method):
         self.plain = a.lambda_sh == 0 and a.lambda_div == 0
         self.trace: list[dict] = []
 
-    @property
-    def channels_last_cpu(self) -> bool:
-        return bool(getattr(self.base, "channels_last_cpu", False))
-
     def lr_for(self, ipc: int) -> float:
         return self.base.lr_for(ipc)
 
@@ -153,8 +150,7 @@ class SGS(Method):
             return
         # torch.func cannot transform through the fused norm_act_pool autograd: build the unfused ConvNet
         # (same parameters and generator use, numerically equal within float tolerance).
-        unfused = {"fused": False} if engine.config.model.startswith("ConvNet") else {}
-        step = dm_step(engine, index, cls, single_chunk, k, **unfused)
+        step = dm_step(engine, index, cls, single_chunk, k, **unfused_if_convnet(engine.config.model))
         vjps = []
 
         def embed_syn(x, seg):
