@@ -42,11 +42,10 @@ def _engine(train, model, ipc, factor, batch_real, inner_loop, chunk, device):
 
 
 def _match_once(engine, provider):
-    """One matching step (every class + its image step) on a fixed network and batch; the reference loop runs
-    the references' nn modules (GroupNorm/ReLU/AvgPool2d), fastdd its fused ConvNet, with the same weights."""
-    net = engine.new_network(fused=False) if provider == "reference loop" else engine.new_network()
-    for p in net.parameters():
-        p.requires_grad_(True)
+    """One matching step (every class + its image step) on a fixed network and batch: the network gm builds
+    (nn modules, weights trainable), the same for both providers."""
+    state = engine.method.begin_iteration(engine, 0)
+    net = state.net
     index, seg = engine.sample_real_index(engine.config.batch_real)
     draw = engine.draw_augmentation()
     select = engine.method.draw_selection(engine)
@@ -54,11 +53,8 @@ def _match_once(engine, provider):
         decode = lambda x, y: engine.method.decode(engine, x, y)  # noqa: E731
         return lambda: reference_match_step(net, engine, index, seg, draw, select, engine.optimizer, decode,
                                             engine.method.args.distance)
-    from fastdd.distill.methods.class_grads import ClassGradients, matched_parameters
-    grads = ClassGradients(net, matched_parameters(net, engine.method.args.distance))
-
     def step():
-        grad, _ = engine.method.match_grad(engine, grads, index, seg, draw, select)
+        grad, _ = engine.method.match_grad(engine, state.grads, index, seg, draw, select)
         engine.sequential_class_step(grad)
     return step
 
