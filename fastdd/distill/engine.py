@@ -35,7 +35,7 @@ def check_deterministic(config: DistillConfig, device: torch.device) -> None:
 
 # CPU real forwards: about this many pixels per micro-batch keep a 128-channel full-resolution activation near
 # 8 MiB, under glibc's mmap threshold, so its buffer is reused instead of page-faulted in every pass
-# (measured fastest at 16 rows of 32 px and 4 rows of 64 px; benchmarks/results/dm_iteration.json).
+# (dm at MNIST shape: 1.65x the 256-row micro-batch; benchmarks/results/cpu_defaults.json).
 CPU_MICRO_BATCH_PIXELS = 16 * 1024
 
 

@@ -32,8 +32,8 @@ class Method:
 
     @property
     def channels_last_cpu(self) -> bool:
-        """channels_last=auto on the CPU: on for steps dominated by no-grad real forwards (DM measured 1.3-1.7x
-        faster), off for network training + double backward (gm measured 8-15% slower in channels_last)."""
+        """channels_last=auto on the CPU: on for steps dominated by no-grad real forwards (dm 1.36x faster), off
+        for network training + double backward (gm 0.84x); benchmarks/results/cpu_defaults.json."""
         return bool(getattr(getattr(self, "base", None), "channels_last_cpu", False))
 
     def __init__(self, args: dict | None = None):

@@ -138,8 +138,8 @@ class GM(Method):
     # ---- one outer iteration: a fresh network, inner_loop × (match + image steps, network training) ----
     def begin_iteration(self, engine, iteration: int) -> GMIteration:
         a = self.args
-        # ConvNets as nn modules: the fused norm_act_pool's second derivative recomputes through the reference
-        # and made the match step ~17% slower (CPU, benchmarks/results/gm_iteration.json)
+        # ConvNets as nn modules: the fused norm_act_pool's second derivative recomputes its forward through the
+        # reference on every double backward, which the nn modules' native formulas do not
         net = engine.new_network(**unfused_if_convnet(engine.config.model))
         for p in net.parameters():
             p.requires_grad_(True)
