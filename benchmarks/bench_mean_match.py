@@ -1,14 +1,12 @@
 """Benchmark fastdd.ops.mean_match (the DM loss) vs eager and compiled reference; GB/s, % of a streaming floor."""
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Results, _sync, compiled, make_modes, parse_args  # noqa: E402
+from harness import Results, compiled, interleaved_times, make_modes, parse_args  # noqa: E402
 
 import fastdd.ops  # noqa: E402
 from fastdd.ops._registry import IMPLEMENTATIONS  # noqa: E402
@@ -61,29 +59,6 @@ def _inputs(Nr, Ns, D, S, k, dtype, device):
     syn_seg = torch.arange(Ns) * n_syn // Ns
     real_to_syn = (torch.arange(S) // k).to(device) if k > 1 else None
     return real, real_seg.to(device), syn, syn_seg.to(device), S, real_to_syn
-
-
-def interleaved_times(runs: dict, device, repeats: int, warmup: int = 3) -> dict:
-    """Like harness.time_fn for several callables, timed round-robin so that load from other processes on a
-    shared machine falls on every provider alike. Each timed call follows an untimed one of the same callable,
-    so every provider meets the cache state it leaves itself (inputs of ~20 MB fit in a CPU's L3)."""
-    for fn in runs.values():
-        for _ in range(warmup):
-            fn()
-    samples = {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, fn in runs.items():
-            fn()
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            samples[key].append(time.perf_counter() - t0)
-    out = {}
-    for key, v in samples.items():
-        q = statistics.quantiles(v, n=5) if len(v) >= 2 else [v[0]] * 4
-        out[key] = {"median_s": statistics.median(v), "p20_s": q[0], "p80_s": q[3], "repeats": len(v)}
-    return out
 
 
 def _note_gpu_rows(path, device):

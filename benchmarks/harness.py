@@ -45,6 +45,31 @@ def time_fn(fn, device="cpu", warmup=3, repeats=15, min_time=0.0) -> dict:
     return {"median_s": statistics.median(samples), "p20_s": q[0], "p80_s": q[3], "repeats": len(samples)}
 
 
+def interleaved_times(runs: dict, device, repeats: int, warmup: int = 3, prime: bool = True) -> dict:
+    """Like time_fn for several callables, timed round-robin (A B A B ...) so that load from other processes on
+    a shared machine falls on every provider alike. With `prime`, each timed call follows an untimed one of the
+    same callable, so every provider meets the cache state it leaves itself (for inputs that fit in L3)."""
+    for fn in runs.values():
+        for _ in range(warmup):
+            fn()
+    samples = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, fn in runs.items():
+            if prime:
+                fn()
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[key].append(time.perf_counter() - t0)
+    out = {}
+    for key, v in samples.items():
+        q = statistics.quantiles(v, n=5) if len(v) >= 2 else [v[0]] * 4
+        out[key] = {"median_s": statistics.median(v), "p20_s": q[0], "p80_s": q[3], "min_s": min(v),
+                    "max_s": max(v), "repeats": len(v)}
+    return out
+
+
 def time_device(fn, device="cpu", warmup=3, repeats=20, flush_bytes=256 * 2**20) -> dict:
     """Median/min/max seconds of `fn()`. CUDA: CUDA-event timing, the L2 cache flushed (a buffer larger than
     any L2 zeroed) before every call, outside the timed window. CPU: wall clock."""

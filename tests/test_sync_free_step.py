@@ -85,6 +85,32 @@ def test_a_chunked_sgs_iteration_makes_no_host_sync(domains, args):
     assert float(logs["domain_losses"].mean()) >= float(logs["loss"]) > 0
 
 
+ROBUST_VARIANTS = [["assignment=kmeans"], ["assignment=nearest-synthetic"], ["alpha=0.3", "beta=1.0"]]
+
+
+@pytest.mark.parametrize("args", ROBUST_VARIANTS, ids=["kmeans", "nearest-synthetic", "fractional-cvar"])
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-pass", "chunked"])
+def test_one_robust_iteration_makes_no_host_sync(digits, args, chunked):
+    engine = _engine((digits, None, ()), "robust", *CPU, *args)  # k-means runs in the first (uncounted) call
+    if chunked:
+        _chunked(engine)
+    syncs, logs = _syncs_of_one_iteration(engine)
+    syncs.assert_none(f"one robust iteration {args}")
+    assert torch.is_tensor(logs["cvar"]) and float(logs["cvar"]) > 0
+    assert float(logs["worst_cluster_loss"]) > 0 and float(logs["dm_loss"]) > 0
+
+
+def test_robust_running_sums_are_read_once_into_floats(digits):
+    engine = _engine((digits, None, ()), "robust", *CPU, "assignment=nearest-synthetic")
+    logs = [engine.run_iteration(i) for i in range(3)]
+    info = engine.method.metrics(engine)["robust"]
+    for key in ("dm_loss", "cvar", "worst_cluster_loss", "empty_cells"):
+        assert type(info[f"{key}_mean"]) is float
+        assert info[f"{key}_mean"] == pytest.approx(sum(float(entry[key]) for entry in logs) / 3, rel=1e-12)
+    state = engine.method.state_dict()
+    assert all(type(v) is float for v in state["sums"].values()) and state["count"] == 3
+
+
 def test_losses_are_read_lazily_and_saved_as_floats(digits, tmp_path):
     engine = _engine((digits, digits, ()), "dm", *CPU, "iterations=4", "eval_every=2", "checkpoint_every=3",
                      out_dir=str(tmp_path))
@@ -165,3 +191,11 @@ def test_one_sgs_iteration_makes_no_cuda_sync(domains, args):
     engine = _engine(domains, "sgs", "device=cuda", *args)
     syncs, _ = _syncs_of_one_iteration(engine, cuda=True)
     syncs.assert_none(f"one SGS iteration {args} on CUDA")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("args", ROBUST_VARIANTS, ids=["kmeans", "nearest-synthetic", "fractional-cvar"])
+def test_one_robust_iteration_makes_no_cuda_sync(digits, args):
+    engine = _engine((digits, None, ()), "robust", "device=cuda", *args)
+    syncs, _ = _syncs_of_one_iteration(engine, cuda=True)
+    syncs.assert_none(f"one robust iteration {args} on CUDA")

@@ -94,20 +94,20 @@ def cluster_losses(real, real_seg, cluster, syn, syn_seg, num_classes: int, k: i
     seg = real_seg * k + cluster
     real_to_syn = torch.arange(num_classes * k, device=seg.device) // k
     losses = mean_match(real, seg, syn, syn_seg, num_classes * k, real_to_syn).view(num_classes, k)
-    present = torch.bincount(seg, minlength=num_classes * k).view(num_classes, k) > 0
+    present = seg.new_zeros(num_classes * k, dtype=torch.bool).index_fill_(0, seg, True).view(num_classes, k)
     return losses, present
 
 
 def present_cvar(losses: torch.Tensor, present: torch.Tensor, alpha: float) -> torch.Tensor:
     """[C]: CVaR_α of each row's PRESENT entries only (a row with K_c present values is CVaR_α over K_c values;
-    a row with none gives 0). One `cvar` call per distinct K_c (at most K)."""
+    a row with none gives 0). One `cvar` call per possible K_c in 1..K over all rows, each row taking the one
+    that matches its count on the device: no host read of the counts (a sync-free step)."""
     n = present.sum(1)
     order = torch.argsort((~present).to(torch.uint8), dim=1, stable=True)  # present clusters first
     gathered = losses.gather(1, order)
     out = losses.new_zeros(losses.shape[0])
-    for m in sorted(set(n.tolist()) - {0}):
-        rows = (n == m).nonzero().squeeze(1)
-        out = out.index_put((rows,), cvar(gathered[rows, :m], alpha))
+    for m in range(1, losses.shape[1] + 1):
+        out = torch.where(n == m, cvar(gathered[:, :m], alpha), out)
     return out
 
 
@@ -221,9 +221,9 @@ class Robust(Method):
         select = gm.draw_selection(engine)
         grad, class_losses, losses, present = self.gm_match(engine, state.grads, real_index, real_seg, draw, select)
         objective, risk = robust_objective(class_losses, losses, present, self.args.alpha, self.args.beta)
-        logs = {"gm_loss": float(class_losses.sum()) / engine.num_classes, "cvar": float(risk.sum()),
-                "worst_cluster_loss": float(losses.masked_fill(~present, float("-inf")).max()),
-                "empty_cells": int((~present).sum())}
+        logs = {"gm_loss": class_losses.sum() / engine.num_classes, "cvar": risk.detach().sum(),
+                "worst_cluster_loss": losses.masked_fill(~present, float("-inf")).max(),
+                "empty_cells": (~present).sum()}
         self._log(**logs)
         return MethodOutput(grad=grad, value=objective / engine.num_classes,
                             sequential_by_class=gm.args.step_per_class, logs=logs)
@@ -278,7 +278,7 @@ class Robust(Method):
             self.cluster(engine, iteration)
         if a.assignment == "kmeans" and self.cluster_ids is None:  # β = 0: DM, no clusters needed
             out = self.base.compute(engine, iteration)
-            dm_loss = float(out.loss.detach())
+            dm_loss = out.loss.detach()
             self._log(dm_loss=dm_loss)
             return dataclasses.replace(out, logs={**out.logs, "dm_loss": dm_loss})
         acc = GradientAccumulator(engine)
@@ -291,8 +291,9 @@ class Robust(Method):
             acc.add(b.syn_rows, torch.autograd.grad(objective, b.syn_input)[0], objective)
             sums.append(torch.stack([per_class.detach().sum(), risk.detach().sum(), (~present).sum()]).double())
             worst.append(losses.detach().masked_fill(~present, float("-inf")).max())
-        (dm_loss, risk, empty), top = torch.stack(sums).sum(0).tolist(), float(torch.stack(worst).max())
-        logs = {"dm_loss": dm_loss, "cvar": risk, "worst_cluster_loss": top, "empty_cells": int(empty)}
+        dm_loss, risk, empty = torch.stack(sums).sum(0).unbind()  # 0-d tensors: read lazily, no host sync
+        logs = {"dm_loss": dm_loss, "cvar": risk, "worst_cluster_loss": torch.stack(worst).max(),
+                "empty_cells": empty}
         self._log(**logs)
         return acc.output(**logs)
 
@@ -305,9 +306,19 @@ class Robust(Method):
         return kmeans_assign(batch.real_features, centroids, batch.real_seg)[0]
 
     def _log(self, **values) -> None:
+        """Running sums of the logged values; tensors stay on their device until `read_sums` (no sync per step)."""
         for key, value in values.items():
-            self.sums[key] = self.sums.get(key, 0.0) + float(value)
+            value = value.detach().double() if torch.is_tensor(value) else float(value)
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
         self.count += 1
+
+    def read_sums(self) -> dict:
+        """The running sums as floats (one host read for all the tensors among them)."""
+        keys = [key for key, value in self.sums.items() if torch.is_tensor(value)]
+        if keys:
+            values = torch.stack([self.sums[key].reshape(()).cpu() for key in keys]).tolist()
+            self.sums.update(zip(keys, values))
+        return self.sums
 
     # ---- reporting and state ---------------------------------------------------------------
     def metrics(self, engine) -> dict:
@@ -317,7 +328,7 @@ class Robust(Method):
             K = self.args.k
             cells = engine.train.labels.long() * K + self.cluster_ids
             info["cluster_sizes"] = torch.bincount(cells, minlength=engine.num_classes * K).view(-1, K).tolist()
-        info.update({f"{key}_mean": value / max(self.count, 1) for key, value in self.sums.items()})
+        info.update({f"{key}_mean": value / max(self.count, 1) for key, value in self.read_sums().items()})
         out = {"robust": info, **(self.base.metrics(engine) if self.args.base == "gm" else {})}
         last = engine.history["evaluations"][-1] if engine.history["evaluations"] else {}
         table = {model: {key: s[key] for key in s if key == "mean" or key == "std" or key.startswith(
@@ -329,7 +340,7 @@ class Robust(Method):
 
     def state_dict(self) -> dict:
         return {"cluster_ids": self.cluster_ids, "clustered_at": self.clustered_at, "reclusters": self.reclusters,
-                "sums": dict(self.sums), "count": self.count}
+                "sums": dict(self.read_sums()), "count": self.count}
 
     def load_state_dict(self, state: dict) -> None:
         self.cluster_ids = state.get("cluster_ids")
