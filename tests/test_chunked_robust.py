@@ -150,3 +150,32 @@ def test_clustering_features_read_in_chunks_equal_one_pass(digits, monkeypatch, 
     x = real_images(torch.arange(len(digits)))
     expect = x.flatten(1) if embedding == "pixels" else engine.embed_real(engine.new_network(), x)
     torch.testing.assert_close(feats, expect, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("embedding", ["pixels", "random-net"])
+def test_clustering_in_class_chunks_gives_the_one_call_ids(digits, embedding):
+    """A memory budget that fits ~2 classes' features: K-means runs per class chunk (only that chunk's features
+    held) and the ids equal one batched call over all classes seeded from the same generator state."""
+    ids, chunks = [], []
+    for budget in (None, 2 * 180):  # None: the engine's budget (one chunk); then rows that fit ~2 classes
+        engine = dm_engine(digits, f"embedding={embedding}")
+        m = engine.method
+        width = 64 if embedding == "pixels" else m.train_embeddings(engine).shape[1]
+        if budget is not None:
+            engine.memory_budget = budget * width * robust_module_constant()
+        engine.generator.manual_seed(5)
+        plan = m.cluster_chunks(engine, m.embedding_network(engine) if embedding == "random-net" else None,
+                                torch.bincount(engine.train.labels.long(), minlength=10).tolist())
+        engine.generator.manual_seed(5)
+        m.cluster(engine, 0)
+        ids.append(m.cluster_ids.clone())
+        chunks.append(plan)
+    assert len(chunks[0]) == 1 and len(chunks[1]) >= 4
+    assert all(c1 - c0 <= 2 for c0, c1 in chunks[1])
+    assert torch.equal(ids[0], ids[1])
+    assert sorted(set(ids[0].tolist())) == list(range(6))  # k = 6 clusters used
+
+
+def robust_module_constant():
+    from fastdd.distill.methods.robust import CLUSTER_BYTES_PER_FEATURE
+    return CLUSTER_BYTES_PER_FEATURE

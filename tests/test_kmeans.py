@@ -311,3 +311,30 @@ def test_kmeans_plusplus_per_segment_picks_data_points():
         assert torch.unique(init[s], dim=0).shape[0] == 5
     with pytest.raises(ValueError, match="k must be a positive int no larger"):
         kmeans_plusplus(x, 31, seg, 3)
+
+
+def test_draws_slices_seed_segments_as_one_call_does():
+    """kmeans_plusplus_draws sliced per segment range: clustering two halves of the segments separately gives
+    the labels (and, to fp32 summation order, the centroids) of one call over all of them with the generator the
+    draws came from."""
+    from fastdd.cluster import kmeans_plusplus_draws
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(600, 5, generator=g)
+    seg = torch.randint(0, 6, (600,), generator=g)
+    one = batched_kmeans(x, seg, 6, k=4, generator=torch.Generator().manual_seed(3))
+    first, steps = kmeans_plusplus_draws(6, 4, torch.Generator().manual_seed(3))
+    for lo, hi in ((0, 2), (2, 6)):
+        rows = (seg >= lo) & (seg < hi)
+        part = batched_kmeans(x[rows], seg[rows] - lo, hi - lo, k=4, draws=(first[lo:hi], steps[:, lo:hi]))
+        assert torch.equal(part.labels, one.labels[rows])
+        torch.testing.assert_close(part.centroids, one.centroids[lo:hi], rtol=1e-6, atol=1e-6)  # sum order
+
+
+def test_draws_of_the_wrong_shape_or_with_n_init_are_refused():
+    from fastdd.cluster import kmeans_plusplus_draws
+    x, seg = torch.randn(40, 3), torch.arange(40) % 2
+    draws = kmeans_plusplus_draws(3, 4)
+    with pytest.raises(ValueError, match="draws must be"):
+        batched_kmeans(x, seg, 2, k=4, draws=draws)
+    with pytest.raises(ValueError, match="n_init=1"):
+        batched_kmeans(x, seg, 2, k=4, n_init=2, draws=kmeans_plusplus_draws(2, 4))

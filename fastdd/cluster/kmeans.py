@@ -51,16 +51,26 @@ def kmeans_plusplus(x: torch.Tensor, k: int, seg: Optional[torch.Tensor] = None,
     return _kmeans_plusplus_grouped(x[order], starts, counts, k, generator)
 
 
+def kmeans_plusplus_draws(num_segments: int, k: int, generator: Optional[torch.Generator] = None,
+                          device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """The uniform numbers k-means++ seeding of ``num_segments`` segments consumes, ``(first [S],
+    steps [k - 1, S, 2 + log k])``, drawn as ``batched_kmeans`` draws them. Slices ``(first[a:b], steps[:, a:b])``
+    passed as ``draws`` seed segments a..b-1 exactly as one call over all segments would: clustering a
+    dataset class chunk by class chunk gives the one-call result."""
+    trials = 2 + int(math.log(k))
+    return (_uniform(num_segments, generator, device),
+            _uniform((max(k - 1, 0), num_segments, trials), generator, device))
+
+
 def _kmeans_plusplus_grouped(x: torch.Tensor, starts: list[int], counts: list[int], k: int,
-                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                             generator: Optional[torch.Generator] = None, draws=None) -> torch.Tensor:
     """``x`` grouped by segment (segment s owns rows ``starts[s] : starts[s] + counts[s]``). At each step,
     2 + log k candidates are drawn with probability ~ D(x)^2 and the one lowering the potential most is kept.
-    All random draws are made up front, so the result depends only on the generator state."""
+    All random draws are made up front (or given as ``draws``), so the result depends only on them."""
     S, D = len(counts), x.shape[1]
-    trials = 2 + int(math.log(k))
     centers = x.new_zeros(S, k, D)
-    first = _uniform(S, generator, x.device)
-    steps = _uniform((max(k - 1, 0), S, trials), generator, x.device)
+    first, steps = draws if draws is not None else kmeans_plusplus_draws(S, k, generator, x.device)
+    first, steps = first.to(x.device, torch.float64), steps.to(x.device, torch.float64)
     for s in range(S):
         n, a = counts[s], starts[s]
         if n == 0:
@@ -104,7 +114,8 @@ def _relocate_empty(labels, sqdist, empty, starts, counts):
 
 def batched_kmeans(x: torch.Tensor, seg: Optional[torch.Tensor] = None, num_segments: Optional[int] = None,
                    k: int = 8, *, iters: int = 300, tol: float = 1e-4, n_init: int = 1,
-                   generator: Optional[torch.Generator] = None, init: Optional[torch.Tensor] = None) -> KMeansResult:
+                   generator: Optional[torch.Generator] = None, init: Optional[torch.Tensor] = None,
+                   draws: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> KMeansResult:
     """Lloyd's K-means run independently inside every segment of ``x [N, D]`` (``seg`` int64 [N], e.g. class ids).
 
     Mirrors ``sklearn.cluster.KMeans(algorithm="lloyd")`` per segment: greedy k-means++ seeding (or ``init``
@@ -112,8 +123,9 @@ def batched_kmeans(x: torch.Tensor, seg: Optional[torch.Tensor] = None, num_segm
     variance`` of the segment, a final assignment so labels match the returned centroids, empty clusters re-seeded
     at the point farthest from its centroid, and the best of ``n_init`` seedings (by inertia, per segment).
     A segment stops updating once it has converged, so results do not depend on what it is batched with.
-    Deterministic given ``generator``. Half-precision input is clustered in fp32. Empty segments get zero
-    centroids and zero inertia; a non-empty segment with fewer than ``k`` rows is an error.
+    Deterministic given ``generator``, or given ``draws`` (from ``kmeans_plusplus_draws``, one seeding: n_init 1,
+    no init) in place of it. Half-precision input is clustered in fp32. Empty segments get zero centroids and
+    zero inertia; a non-empty segment with fewer than ``k`` rows is an error.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 2:
         raise ValueError(f"batched_kmeans: x must be a 2-D floating-point tensor, got "
@@ -148,6 +160,14 @@ def batched_kmeans(x: torch.Tensor, seg: Optional[torch.Tensor] = None, num_segm
     if small:
         raise ValueError(f"batched_kmeans: k={k} exceeds the number of rows of segment {small[0][0]} "
                          f"({small[0][1]}); every non-empty segment needs at least k rows")
+    if draws is not None:
+        trials = 2 + int(math.log(k))
+        shapes = tuple(tuple(getattr(d, "shape", ())) for d in draws) if isinstance(draws, (tuple, list)) else None
+        if shapes != ((S,), (max(k - 1, 0), S, trials)):
+            raise ValueError(f"batched_kmeans: draws must be (first [{S}], steps [{max(k - 1, 0)}, {S}, {trials}]) "
+                             f"from kmeans_plusplus_draws, got shapes {shapes}")
+        if init is not None or n_init != 1:
+            raise ValueError("batched_kmeans: draws seed one k-means++ run: use it with n_init=1 and no init")
     if init is not None and tuple(init.shape) != (S, k, x.shape[1]):
         raise ValueError(f"batched_kmeans: init must have shape {(S, k, x.shape[1])}, got {tuple(init.shape)}")
 
@@ -167,7 +187,7 @@ def batched_kmeans(x: torch.Tensor, seg: Optional[torch.Tensor] = None, num_segm
 
     best = None
     for run in range(n_init if init is None else 1):
-        start = init.to(xs) if init is not None else _kmeans_plusplus_grouped(xs, starts, counts, k, generator)
+        start = init.to(xs) if init is not None else _kmeans_plusplus_grouped(xs, starts, counts, k, generator, draws)
         result = _lloyd(xs, sorted_seg, S, k, start, iters, tol_s, starts, counts)
         if best is None:
             best = result

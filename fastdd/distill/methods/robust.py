@@ -21,11 +21,11 @@ dm_chunks, GM's match_chunks) and the chunks' gradients summed: exactly the one-
 
 Subpopulations (`assignment`):
 - `kmeans`: every training image of every class is embedded (`embedding`: a fresh random network of the run's
-  family from the engine generator, or raw normalised pixels; images read EMBED_CHUNK at a time, the [N, F]
-  features held: ≈1 GB for ImageNet-100 at F = 2048, pixels far more) and clustered per class in ONE
-  `batched_kmeans` call (k-means++ from the engine generator); the per-sample cluster ids live in the method
-  state (so they are checkpointed and a resumed run keeps them) and are recomputed every `recluster_every`
-  iterations (0: once).
+  family from the engine generator, or raw normalised pixels; images read EMBED_CHUNK at a time) and clustered per
+  class by `batched_kmeans` (k-means++ from the engine generator), class chunk by class chunk so that only one
+  chunk's features are held (`cluster_chunks`: within memory_budget; one chunk when all fit, and any chunking
+  gives the same ids); the per-sample cluster ids live in the method state (so they are checkpointed and a
+  resumed run keeps them) and are recomputed every `recluster_every` iterations (0: once).
   With β = 0 no clusters are needed: none are computed and no generator draws are spent, so the run is DM's
   run draw for draw (GM's run with base = gm).
 - `nearest-synthetic` (the public code's assignment): a sampled real row's cluster is the nearest synthetic image
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastdd.cluster import batched_kmeans
+from fastdd.cluster import batched_kmeans, kmeans_plusplus_draws
 from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import DM, GradientAccumulator, dm_chunks, dm_class_losses, dm_step
@@ -47,6 +47,7 @@ ASSIGNMENTS = ("kmeans", "nearest-synthetic")
 EMBEDDINGS = ("random-net", "pixels")
 BASES = ("dm", "gm")
 EMBED_CHUNK = 2048  # training images embedded per forward pass when clustering
+CLUSTER_BYTES_PER_FEATURE = 16  # per feature of a clustered row: fp32 features, K-means's sorted copy, headroom
 
 
 @dataclass
@@ -175,27 +176,57 @@ class Robust(Method):
             return True
         return bool(a.recluster_every) and iteration % a.recluster_every == 0 and self.clustered_at != iteration
 
-    def train_embeddings(self, engine) -> torch.Tensor:
-        """[N, F] features of every training image (no augmentation): images read EMBED_CHUNK at a time (on CUDA
-        through the engine's pinned staging), features written into one preallocated tensor."""
-        net = engine.new_network(self.args.embedding_model) if self.args.embedding == "random-net" else None
-        n = len(engine.train)
+    def embedding_network(self, engine):
+        """The clustering's feature extractor: a fresh network from the engine generator, or None (pixels)."""
+        return engine.new_network(self.args.embedding_model) if self.args.embedding == "random-net" else None
+
+    def embeddings(self, engine, net, rows: torch.Tensor) -> torch.Tensor:
+        """[len(rows), F] features of training images `rows` (no augmentation): read EMBED_CHUNK at a time (on CUDA
+        through the engine's pinned staging), written into one preallocated tensor."""
+        n = len(rows)
         spans = [(lo, min(lo + EMBED_CHUNK, n)) for lo in range(0, n, EMBED_CHUNK)]
         feats = None
-        for (lo, hi), x in zip(spans, engine.real_passes(torch.arange(n), spans)):
+        for (lo, hi), x in zip(spans, engine.real_passes(rows, spans)):
             f = x.flatten(1).float() if net is None else engine.embed_real(net, x)
             if feats is None:
                 feats = f.new_empty(n, f.shape[1])
             feats[lo:hi] = f
         return feats
 
+    def train_embeddings(self, engine) -> torch.Tensor:
+        """[N, F] features of every training image (one chunk; `cluster` reads them class chunk by class chunk)."""
+        return self.embeddings(engine, self.embedding_network(engine), torch.arange(len(engine.train)))
+
+    def cluster_chunks(self, engine, net, sizes: list[int]) -> list[tuple[int, int]]:
+        """Consecutive class ranges [c0, c1) whose features, with K-means's working copy and distances
+        (CLUSTER_BYTES_PER_FEATURE bytes per feature), fit the engine's memory_budget; one range when all fit."""
+        probe = engine.real_images(torch.arange(min(2, len(engine.train))))
+        width = probe[0].numel() if net is None else engine.embed_real(net, probe).shape[1]
+        rows_fit = max(1, engine.memory_budget // (CLUSTER_BYTES_PER_FEATURE * width))
+        chunks, c0, rows = [], 0, 0
+        for c, n in enumerate(sizes):
+            if c > c0 and rows + n > rows_fit:
+                chunks.append((c0, c))
+                c0, rows = c, 0
+            rows += n
+        return chunks + [(c0, len(sizes))]
+
     def cluster(self, engine, iteration: int) -> None:
-        """K-means of every class's training images in ONE batched call; ids kept per training sample."""
-        feats = self.train_embeddings(engine)
-        labels = engine.train.labels.long().to(feats.device)
-        result = batched_kmeans(feats, labels, engine.num_classes, self.args.k, iters=self.args.kmeans_iters,
-                                generator=engine.generator)
-        self.cluster_ids = result.labels.cpu()
+        """Per-class K-means of the training images, class chunk by class chunk of `cluster_chunks` (one batched
+        call per chunk, only the chunk's features held); the k-means++ draws of all classes are taken first, so
+        any chunking gives the one-call result. Ids kept per training sample."""
+        net = self.embedding_network(engine)
+        labels, C, K = engine.train.labels.long(), engine.num_classes, self.args.k
+        first, steps = kmeans_plusplus_draws(C, K, engine.generator)
+        ids = torch.zeros(len(labels), dtype=torch.int64)
+        for c0, c1 in self.cluster_chunks(engine, net, torch.bincount(labels, minlength=C).tolist()):
+            rows = ((labels >= c0) & (labels < c1)).nonzero().squeeze(1)
+            feats = self.embeddings(engine, net, rows)
+            result = batched_kmeans(feats, (labels[rows] - c0).to(feats.device), c1 - c0, K,
+                                    iters=self.args.kmeans_iters, draws=(first[c0:c1], steps[:, c0:c1]))
+            ids[rows] = result.labels.cpu()
+            del feats, result
+        self.cluster_ids = ids
         self.clustered_at = iteration
         self.reclusters += 1
 
