@@ -179,3 +179,33 @@ def test_clustering_in_class_chunks_gives_the_one_call_ids(digits, embedding):
 def robust_module_constant():
     from fastdd.distill.methods.robust import CLUSTER_BYTES_PER_FEATURE
     return CLUSTER_BYTES_PER_FEATURE
+
+
+def test_clustering_gives_the_ids_and_generator_state_of_one_batched_call(digits):
+    """cluster() (draws first, then chunks) against the one-call code it replaced: a fresh embedding network
+    from the engine generator, then batched_kmeans over every class with that generator."""
+    from fastdd.cluster import batched_kmeans
+    engine = dm_engine(digits)
+    m = engine.method
+    engine.memory_budget = 1  # one class per chunk
+    sizes = torch.bincount(engine.train.labels.long(), minlength=10).tolist()
+    assert len(m.cluster_chunks(engine, m.embedding_network(engine), sizes)) == 10
+    engine.generator.manual_seed(7)
+    m.cluster(engine, 0)
+    after = engine.generator.get_state()
+    engine.generator.manual_seed(7)
+    feats = m.train_embeddings(engine)
+    expect = batched_kmeans(feats, engine.train.labels.long(), 10, m.args.k, iters=m.args.kmeans_iters,
+                            generator=engine.generator)
+    assert torch.equal(m.cluster_ids, expect.labels)
+    assert torch.equal(engine.generator.get_state(), after)
+
+
+def test_batchnorm_embedding_networks_cluster_in_one_chunk(digits):
+    """BN features depend on which images share a pass: however small the budget, one chunk."""
+    engine = dm_engine(digits, "embedding_model=ConvNetBN")
+    m = engine.method
+    engine.memory_budget = 1
+    sizes = torch.bincount(engine.train.labels.long(), minlength=10).tolist()
+    assert m.cluster_chunks(engine, m.embedding_network(engine), sizes) == [(0, 10)]
+    assert len(m.cluster_chunks(engine, dm_engine(digits).method.embedding_network(engine), sizes)) == 10

@@ -123,6 +123,15 @@ def test_present_cvar_weights_the_worst_present_clusters():
     torch.testing.assert_close(out[:2], torch.tensor([5.6 / 1.2, 3.0]))
 
 
+def test_present_cvar_ignores_non_finite_absent_cells():
+    losses = torch.tensor([[float("inf"), 2.0, 6.0], [float("nan"), float("nan"), 1.0]], requires_grad=True)
+    present = torch.tensor([[False, True, True], [False, False, True]])
+    out = present_cvar(losses, present, 0.5)  # row 0: K_c = 2 -> the 6; row 1: K_c = 1 -> the 1
+    torch.testing.assert_close(out, torch.tensor([6.0, 1.0]))
+    (g,) = torch.autograd.grad(out.sum(), losses)
+    torch.testing.assert_close(g, torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+
+
 def test_gradient_reaches_only_the_worst_clusters_images(digits):
     # α·K = 1 and β = 1: the image gradient is exactly the gradient of each class's WORST cluster loss
     engine = _engine(digits, "alpha=0.25", "beta=1", "k=4", "dsa_strategy=none")

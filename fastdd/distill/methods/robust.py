@@ -32,16 +32,19 @@ Subpopulations (`assignment`):
   of its class in the current iteration's embedding, so K = ipc (`k` is ignored); no state, no extra draws.
 """
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
 
 from fastdd.cluster import batched_kmeans, kmeans_plusplus_draws
+from fastdd.data.staging import to_device
 from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import DM, GradientAccumulator, dm_chunks, dm_class_losses, dm_step
 from fastdd.distill.methods.gm import GM, fp32, gradient_distance
-from fastdd.ops import cvar, kmeans_assign, mean_match
+from fastdd.ops import kmeans_assign, mean_match
+from fastdd.ops.cvar import cvar_weights
 
 ASSIGNMENTS = ("kmeans", "nearest-synthetic")
 EMBEDDINGS = ("random-net", "pixels")
@@ -100,16 +103,30 @@ def cluster_losses(real, real_seg, cluster, syn, syn_seg, num_classes: int, k: i
 
 
 def present_cvar(losses: torch.Tensor, present: torch.Tensor, alpha: float) -> torch.Tensor:
-    """[C]: CVaR_α of each row's PRESENT entries only (a row with K_c present values is CVaR_α over K_c values;
-    a row with none gives 0). One `cvar` call per possible K_c in 1..K over all rows, each row taking the one
-    that matches its count on the device: no host read of the counts (a sync-free step)."""
+    """[C]: CVaR_α of each row's PRESENT entries only (a row with K_c present values is CVaR_α over K_c values,
+    `fastdd.ops.cvar`'s weights for K_c; a row with none gives 0). One pass for all rows: the present losses
+    sorted largest first, each row weighted by the weight row of its count, chosen on the device (no host read
+    of the counts: a sync-free step)."""
     n = present.sum(1)
-    order = torch.argsort((~present).to(torch.uint8), dim=1, stable=True)  # present clusters first
-    gathered = losses.gather(1, order)
-    out = losses.new_zeros(losses.shape[0])
-    for m in range(1, losses.shape[1] + 1):
-        out = torch.where(n == m, cvar(gathered[:, :m], alpha), out)
-    return out
+    ordered = losses.masked_fill(~present, float("-inf")).sort(dim=1, descending=True)
+    kept = torch.arange(losses.shape[1], device=losses.device)[None, :] < n[:, None]  # the n_c present values
+    weights = _cvar_weight_table(losses.shape[1], float(alpha), losses.dtype, losses.device)[n]
+    return (losses.gather(1, ordered.indices) * weights).masked_fill(~kept, 0).sum(1)
+
+
+_WEIGHT_TABLES: dict = {}
+
+
+def _cvar_weight_table(K: int, alpha: float, dtype, device) -> torch.Tensor:
+    """[K + 1, K]: row m holds cvar_weights(m, alpha) (largest loss first) padded with zeros; row 0 is zeros."""
+    key = (K, alpha, dtype, str(device))
+    if key not in _WEIGHT_TABLES:
+        table = torch.zeros(K + 1, K, dtype=dtype, device=device)
+        for m in range(1, K + 1):
+            w = cvar_weights(m, alpha, dtype=dtype, device=device)
+            table[m, :w.shape[0]] = w
+        _WEIGHT_TABLES[key] = table
+    return _WEIGHT_TABLES[key]
 
 
 def robust_objective(class_losses: torch.Tensor, losses: torch.Tensor, present: torch.Tensor, alpha: float,
@@ -199,10 +216,18 @@ class Robust(Method):
 
     def cluster_chunks(self, engine, net, sizes: list[int]) -> list[tuple[int, int]]:
         """Consecutive class ranges [c0, c1) whose features, with K-means's working copy and distances
-        (CLUSTER_BYTES_PER_FEATURE bytes per feature), fit the engine's memory_budget; one range when all fit."""
-        probe = engine.real_images(torch.arange(min(2, len(engine.train))))
-        width = probe[0].numel() if net is None else engine.embed_real(net, probe).shape[1]
-        rows_fit = max(1, engine.memory_budget // (CLUSTER_BYTES_PER_FEATURE * width))
+        (CLUSTER_BYTES_PER_FEATURE bytes per feature), fit the engine's memory_budget next to one embedding pass
+        of EMBED_CHUNK images; one range when all fit. A BatchNorm network embeds with the statistics of its
+        pass, so its features depend on which images share a pass: it clusters in one range, as one call did."""
+        if net is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+            return [(0, len(sizes))]
+        shape = (engine.train.channels, *engine.train.image_size)
+        if net is None:
+            width, pass_bytes = math.prod(shape), EMBED_CHUNK * math.prod(shape) * 4
+        else:
+            probe = torch.zeros(1, *shape, device=engine.device)
+            width, pass_bytes = engine.embed_real(net, probe).shape[1], EMBED_CHUNK * engine.row_bytes(net, False)
+        rows_fit = max(1, (engine.memory_budget - pass_bytes) // (CLUSTER_BYTES_PER_FEATURE * width))
         chunks, c0, rows = [], 0, 0
         for c, n in enumerate(sizes):
             if c > c0 and rows + n > rows_fit:
@@ -331,7 +356,7 @@ class Robust(Method):
     def assign(self, engine, batch) -> torch.Tensor:
         """Cluster in [0, K) of every real row of a DM chunk."""
         if self.args.assignment == "kmeans":
-            return self.cluster_ids[on_host(batch.real_index)].to(batch.real_seg.device)
+            return to_device(self.cluster_ids[on_host(batch.real_index)], batch.real_seg.device)
         centroids = batch.syn_features.detach().to(batch.real_features.dtype)
         centroids = centroids.view(batch.num_classes, engine.syn.ipc, -1)
         return kmeans_assign(batch.real_features, centroids, batch.real_seg)[0]
@@ -344,11 +369,13 @@ class Robust(Method):
         self.count += 1
 
     def read_sums(self) -> dict:
-        """The running sums as floats (one host read for all the tensors among them)."""
-        keys = [key for key, value in self.sums.items() if torch.is_tensor(value)]
-        if keys:
-            values = torch.stack([self.sums[key].reshape(()).cpu() for key in keys]).tolist()
-            self.sums.update(zip(keys, values))
+        """The running sums as floats (one host read per device holding some of them)."""
+        by_device: dict = {}
+        for key, value in self.sums.items():
+            if torch.is_tensor(value):
+                by_device.setdefault(value.device, []).append(key)
+        for keys in by_device.values():
+            self.sums.update(zip(keys, torch.stack([self.sums[key].reshape(()) for key in keys]).tolist()))
         return self.sums
 
     # ---- reporting and state ---------------------------------------------------------------
