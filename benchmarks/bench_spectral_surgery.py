@@ -165,7 +165,9 @@ def main():
 def annotate_fft_floor(rows: list) -> None:
     """Whole-op rows gain the FFT floor of their case: the batched rfft2 of D*N*C images plus the irfft2 of N*C
     (component rows of the same run). Every provider does at least these transforms, so naive / floor bounds
-    any speedup over the naive loop, and pct_of_fft_floor says how close a provider is to it."""
+    any speedup over the naive loop, and pct_of_fft_floor says how close a provider is to it. The components are
+    time_fn medians taken in the same run as the interleaved whole-op medians, not interleaved with them; naive's
+    D separate rfft2 have their own component row and measure about the same as the batched one."""
     for r in rows:
         if r.get("part") != "whole op" or "median_s" not in r:  # pending GPU rows have no timing
             continue
