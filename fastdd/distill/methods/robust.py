@@ -222,11 +222,12 @@ class Robust(Method):
         if net is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
             return [(0, len(sizes))]
         shape = (engine.train.channels, *engine.train.image_size)
+        pass_bytes = EMBED_CHUNK * math.prod(shape) * 4  # one pass's float images
         if net is None:
-            width, pass_bytes = math.prod(shape), EMBED_CHUNK * math.prod(shape) * 4
-        else:
-            probe = torch.zeros(1, *shape, device=engine.device)
-            width, pass_bytes = engine.embed_real(net, probe).shape[1], EMBED_CHUNK * engine.row_bytes(net, False)
+            width = math.prod(shape)
+        else:  # its forward runs micro_batch rows at a time (embed_real)
+            width = engine.embed_real(net, torch.zeros(1, *shape, device=engine.device)).shape[1]
+            pass_bytes += engine.config.micro_batch * engine.row_bytes(net, False)
         rows_fit = max(1, (engine.memory_budget - pass_bytes) // (CLUSTER_BYTES_PER_FEATURE * width))
         chunks, c0, rows = [], 0, 0
         for c, n in enumerate(sizes):
