@@ -18,7 +18,7 @@ from fastdd.distill.methods.base import on_host
 from fastdd.distill.synthetic import (SyntheticRows, SyntheticSet, clamp_to_pixels, lookahead_coefficients,
                                       pixel_step_scale, plain_sgd_group, sequential_class_update)
 from fastdd.determinism import is_deterministic, set_deterministic
-from fastdd.models import get_model, resolve_model_name
+from fastdd.models import get_model, resolve_model_name, uses_batchnorm
 from fastdd.sync import host_only
 
 PROGRESS_EVERY = 25  # iterations between progress-bar loss reads (each one waits for the device)
@@ -136,7 +136,7 @@ class Distiller:
                             self.train.image_size, **overrides)
         # Built on the CPU: a CUDA build would draw its weights from the CUDA generator (other values than the
         # CPU build of the same seed); moved with one pinned non_blocking copy per dtype.
-        if self.shard is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        if self.shard is not None and uses_batchnorm(net):
             raise ValueError(f"model {model or self.config.model!r} uses BatchNorm, whose batch statistics couple "
                              f"classes held by different ranks: class-parallel runs need a model without "
                              f"BatchNorm (e.g. ConvNet), or one process")
@@ -227,8 +227,7 @@ class Distiller:
 
     def embed_real(self, net, x: torch.Tensor) -> torch.Tensor:
         """Real embeddings under no_grad in micro-batches (one pass for BN nets: batch statistics)."""
-        uses_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules())
-        step = x.shape[0] if uses_bn else self.config.micro_batch
+        step = x.shape[0] if uses_batchnorm(net) else self.config.micro_batch
         with torch.no_grad():
             return torch.cat([self.embed(net, x[i:i + step]) for i in range(0, x.shape[0], step)])
 

@@ -88,6 +88,11 @@ def resolve_model_name(name: str, image_size: int | tuple[int, int]) -> str:
     raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
 
 
+def uses_batchnorm(net: nn.Module) -> bool:
+    """True when `net` has a BatchNorm layer: its outputs depend on the other rows of the batch (train mode)."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+
+
 def unfused_if_convnet(name: str) -> dict:
     """get_model overrides for a ConvNet of nn modules (GroupNorm/ReLU/AvgPool2d); {} for other models."""
     return {"fused": False} if name in CONVNET_VARIANTS else {}

@@ -3,6 +3,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdd.models import uses_batchnorm
+
 BATCHABLE = (nn.Conv2d, nn.Linear)
 
 
@@ -42,8 +44,7 @@ class ClassGradients:
         owners = {id(m.weight): m for m in net.modules()
                   if isinstance(m, BATCHABLE) and isinstance(getattr(m, "weight", None), torch.Tensor)}
         self.modules = [owners.get(id(p)) for p in self.params]
-        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
-        self.batched = not has_bn and all(m is not None and _plain(m) for m in self.modules)
+        self.batched = not uses_batchnorm(net) and all(m is not None and _plain(m) for m in self.modules)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, counts: list[int], create_graph: bool):
         if not self.batched or len(counts) == 1:

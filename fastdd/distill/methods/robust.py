@@ -43,6 +43,7 @@ from fastdd.distill.methods import robust_data
 from fastdd.distill.methods.base import Method, MethodOutput, on_host
 from fastdd.distill.methods.dm import DM, GradientAccumulator, dm_chunks, dm_class_losses, dm_step
 from fastdd.distill.methods.gm import GM, fp32, gradient_distance
+from fastdd.models import uses_batchnorm
 from fastdd.ops import kmeans_assign, mean_match
 from fastdd.ops.cvar import cvar_weights
 
@@ -219,7 +220,7 @@ class Robust(Method):
         (CLUSTER_BYTES_PER_FEATURE bytes per feature), fit the engine's memory_budget next to one embedding pass
         of EMBED_CHUNK images; one range when all fit. A BatchNorm network embeds with the statistics of its
         pass, so its features depend on which images share a pass: it clusters in one range, as one call did."""
-        if net is not None and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in net.modules()):
+        if net is not None and uses_batchnorm(net):
             return [(0, len(sizes))]
         shape = (engine.train.channels, *engine.train.image_size)
         pass_bytes = EMBED_CHUNK * math.prod(shape) * 4  # one pass's float images
