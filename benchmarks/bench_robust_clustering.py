@@ -3,12 +3,11 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_dm_iteration import _proc_status_kb, _reset_peak_rss  # noqa: E402
+from bench_dm_iteration import _timed  # noqa: E402
 from harness import Results  # noqa: E402
 
 from fastdd.data import from_tensors  # noqa: E402
@@ -31,12 +30,8 @@ def cluster_once(engine) -> tuple[float, float, torch.Tensor]:
     """Seconds and peak resident memory above the start (MiB) of one clustering from a fixed generator state."""
     engine.generator.manual_seed(0)
     release_freed_memory()
-    base = _proc_status_kb("VmRSS") if _reset_peak_rss() else None
-    t0 = time.perf_counter()
-    engine.method.cluster(engine, 0)
-    seconds = time.perf_counter() - t0
-    peak = _proc_status_kb("VmHWM") if base is not None else None
-    return seconds, (peak - base) / 1024 if peak is not None else float("nan"), engine.method.cluster_ids
+    seconds, peak = _timed(lambda: engine.method.cluster(engine, 0), "cpu")
+    return seconds, float("nan") if peak is None else peak, engine.method.cluster_ids
 
 
 def main():
